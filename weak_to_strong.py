@@ -1,0 +1,381 @@
+"""Weak-to-strong generalization with the auxiliary confidence loss, one readable file.
+
+Paper: Burns et al. 2023, "Weak-to-Strong Generalization: Eliciting Strong Capabilities With Weak Supervision"
+(https://arxiv.org/abs/2312.09390), §4.3.2 and App. A.4; code: https://github.com/openai/weak-to-strong
+(loss.py `logconf_loss_fn`, model.py `TransformerWithHead`, train_weak_to_strong.py).
+
+Protocol (on a binary task with ground truth; here: "is this candidate final answer correct?"):
+    1. split the training items 50/50 into half A and half B
+    2. weak supervisor:  fine-tune the weak model on half A's ground truth            -> acc_weak (test)
+    3. weak labels:      w(x) = softmax(weak logits) on half B (soft labels, not hardened)
+    4. weak-to-strong:   fine-tune the strong model on half B's weak labels, with
+                           xent:    L = CE(f(x), w(x))
+                           logconf: L = (1 - a) CE(f(x), w(x)) + a CE(f(x), f_t(x))     (Eq. 1)  -> acc_w2s
+    5. strong ceiling:   fine-tune the strong model on half B's ground truth                -> acc_ceiling
+    6. PGR = (acc_w2s - acc_weak) / (acc_ceiling - acc_weak)  (1: the whole gap recovered; 0: imitates the weak)
+In Eq. 1, f_t(x) is the strong model's own prediction hardened at an adaptive threshold t: per batch of 32,
+t = quantile(p0, q = mean of the weak labels' class-1 probability), class 1 where p0 < t (so the hardened labels
+keep the weak labels' class balance). a ramps linearly from 0 to alpha_max over the first warmup_frac of training.
+
+    python weak_to_strong.py                        # embedded SmolLM2-135M (strong) vs its first 8 layers (weak), CPU
+    for s in 0 1; do python weak_to_strong.py --seed $s --output-dir runs/w2s_s$s; done    # several seeds
+    python weak_to_strong.py --weak-model Qwen/Qwen2.5-0.5B --weak-layers 0 --strong-model Qwen/Qwen2.5-7B \
+        --lr 1e-5 --dataset my_problems.jsonl                                            # a GPU with network
+Saved models: OUTPUT_DIR/w2s_{xent,aux}.safetensors (trunk + head); load with `load_classifier(strong_model, path)`.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+import common
+
+PHASES = ("weak", "ceiling", "w2s_xent", "w2s_aux")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    # models
+    p.add_argument("--strong-model", "--model", dest="model", default=common.DEFAULT_MODEL, help="strong model: hub id, local dir, .gguf, or 'smollm2' (embedded); --model is an alias")
+    p.add_argument("--weak-model", default=common.DEFAULT_MODEL, help="weak supervisor: hub id, local dir, .gguf, or 'smollm2'")
+    p.add_argument("--weak-layers", type=int, default=8, help="keep only the first N transformer layers of the weak model (0: all)")
+    # data (shared flags)
+    p.add_argument("--dataset", default="arith:add:2", help="'arith[:add|sub|mul[:DIGITS]]', a .jsonl/.json/.parquet/.csv file, or a hub id (needs answers)")
+    p.add_argument("--eval-dataset", default=None, help="held-out problems (default: test split, else every 10th row of --dataset)")
+    p.add_argument("--question-key", default=None, help="question column (default: auto-detected)")
+    p.add_argument("--answer-key", default=None, help="answer column (default: auto-detected)")
+    p.add_argument("--n-train", type=int, default=2048, help="training problems, split 50/50 into half A (weak) and half B (strong)")
+    p.add_argument("--max-length", type=int, default=64, help="longer examples are dropped, not truncated (as the paper's code does)")
+    p.add_argument("--fewshot", type=int, default=None, help="unused here (a classifier sees no examples); accepted like in every script")
+    p.add_argument("--system-prompt", default=None, help="unused here (no chat prompt); accepted like in every script")
+    p.add_argument("--seed", type=int, default=0, help="seed for the split, candidate answers, data order")
+    p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on GPU; fp32 weights + bf16 autocast on CPU")
+    # optimization (the paper code's defaults: batch 32, 2 epochs, Adam, cosine annealing, no warm-up)
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (paper code: 5e-5 GPT-2 sizes, 1e-5 larger; 1e-4 here: only 64 steps)")
+    p.add_argument("--weak-lr", type=float, default=None, help="Adam learning rate of the weak model (default: --lr)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs over a half per training run (paper code: 2)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per training run (default: epochs x half / batch)")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per optimizer step; the aux loss and its threshold use the whole batch")
+    p.add_argument("--prompts-per-step", type=int, default=None, help="alias of --batch-size (examples per optimizer step)")
+    p.add_argument("--num-generations", type=int, default=None, help="unused here (nothing is sampled); accepted like in every script")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="unused here (nothing is generated); accepted like in every script")
+    p.add_argument("--temperature", type=float, default=None, help="unused here (nothing is sampled); accepted like in every script")
+    # auxiliary confidence loss
+    p.add_argument("--alpha-max", type=float, default=0.5, help="final aux weight alpha (paper: 0.5; 0.75 for the largest students)")
+    p.add_argument("--warmup-frac", type=float, default=0.2, help="alpha ramps linearly from 0 over this fraction of training (paper: 0.2)")
+    p.add_argument("--alpha-schedule", default="linear", choices=["linear", "released"], help="linear ramp, or the released code's (alpha = alpha_max*s, then a jump)")
+    # evaluation / logging
+    p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps of each run (0: only at the end of each run)")
+    p.add_argument("--eval-size", type=int, default=400, help="held-out test problems")
+    p.add_argument("--eval-batch-size", type=int, default=128, help="examples per forward during evaluation and labelling")
+    p.add_argument("--output-dir", default=None, help="default: runs/weak_to_strong__<seed>__<time>")
+    p.add_argument("--no-save", action="store_true", help="do not write the final weak-to-strong models")
+    args = p.parse_args(argv)
+    if args.prompts_per_step is not None:
+        args.batch_size = args.prompts_per_step
+    for flag in ("n_train", "batch_size", "epochs", "eval_size", "max_length", "eval_batch_size"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.steps is not None and args.steps < 1:
+        p.error("--steps must be >= 1")
+    if not 0 < args.warmup_frac <= 1 or not 0 <= args.alpha_max <= 1:
+        p.error("need 0 < --warmup-frac <= 1 and 0 <= --alpha-max <= 1")
+    args.weak_lr = args.lr if args.weak_lr is None else args.weak_lr
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The classifier: a causal LM trunk + a zero-initialised linear head on the last non-pad token (model.py)
+# ----------------------------------------------------------------------------------------------------------
+class TransformerWithHead(torch.nn.Module):
+    def __init__(self, lm, num_layers=0):
+        super().__init__()
+        self.trunk = lm.base_model  # e.g. LlamaModel: embeddings + decoder layers + final norm, no LM head
+        if num_layers:  # the weak model: only the first `num_layers` blocks (the final norm is kept)
+            if num_layers > len(self.trunk.layers):
+                raise SystemExit(f"error: --weak-layers {num_layers}: the model has only {len(self.trunk.layers)} layers")
+            self.trunk.layers = self.trunk.layers[:num_layers]
+            self.trunk.config.num_hidden_layers = num_layers
+            if getattr(self.trunk.config, "layer_types", None):
+                self.trunk.config.layer_types = self.trunk.config.layer_types[:num_layers]
+        self.head = torch.nn.Linear(self.trunk.config.hidden_size, 2, bias=False)
+        torch.nn.init.zeros_(self.head.weight)  # p = (0.5, 0.5) for every input at the start
+
+    def forward(self, input_ids, attention_mask):
+        """input_ids/attention_mask (B, L), left or right padded -> logits (B, 2) in float32."""
+        positions = (attention_mask.cumsum(1) - 1).clamp(min=0)  # real tokens get 0..n-1 whatever the padding side
+        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state
+        return self.head(last_token_state(hidden, attention_mask).float())  # the head runs in fp32
+
+
+def last_token_state(hidden, attention_mask):
+    """hidden (B, L, H), attention_mask (B, L) -> (B, H): the state of each row's last non-pad token. From the
+    mask, not from `ids != pad` (pad == EOS here), and valid for left and right padding alike."""
+    L = attention_mask.shape[1]
+    last = L - 1 - attention_mask.flip(1).argmax(1)  # (B,) index of the last 1 in each row
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def save_classifier(model, path):
+    """Trunk + head weights as one safetensors file, written beside `path` and renamed into place (atomic)."""
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_classifier(model_name, path, device="cpu"):
+    """Rebuild a saved weak-to-strong classifier: the same --strong-model, then the saved trunk + head."""
+    model = TransformerWithHead(common.load_model(model_name, torch.device(device)))
+    model.load_state_dict(load_file(str(path), device=str(device)))
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Losses (loss.py): soft cross-entropy, and the auxiliary confidence loss with its alpha schedule
+# ----------------------------------------------------------------------------------------------------------
+def soft_ce(logits, target):
+    """Mean over the batch of -sum_c target_c log softmax(logits)_c. logits, target: (B, 2)."""
+    return -(target * F.log_softmax(logits.float(), -1)).sum(-1).mean()
+
+
+def aux_alpha(step_frac, alpha_max=0.5, warmup_frac=0.2, schedule="linear"):
+    """alpha at training progress step_frac = step / nsteps in [0, 1). linear (the paper; PR #33 and the EleutherAI
+    fork): alpha_max * min(1, step_frac / warmup_frac). released (loss.py as published): alpha_max * step_frac while
+    step_frac <= warmup_frac, then alpha_max: with 0.1 / 0.5, alpha climbs only to 0.05 and then jumps to 0.5."""
+    if schedule == "released":
+        return alpha_max * (step_frac if step_frac <= warmup_frac else 1.0)
+    return alpha_max * min(1.0, step_frac / warmup_frac)
+
+
+def logconf_target(logits, weak_probs, alpha):
+    """The aux-loss target (B, 2), detached. logits: (B, 2) strong logits; weak_probs: (B, 2) weak soft labels.
+    t = quantile(p0 over the batch, q = batch mean of w1); hardened prediction = class 1 where p0 < t, else class 0
+    (ties, e.g. at the zero-initialised head where every p0 = 0.5, all go to class 0, as in the released code)."""
+    with torch.no_grad():
+        p0 = torch.softmax(logits.float(), -1)[:, 0]  # (B,)
+        threshold = torch.quantile(p0, weak_probs[:, 1].float().mean())
+        hard = F.one_hot((p0 < threshold).long(), 2).float()  # (B, 2): about q of the batch is class 1
+        return (1 - alpha) * weak_probs.float() + alpha * hard
+
+
+def logconf_loss(logits, weak_probs, alpha):
+    """Eq. 1: (1-a) CE(f, w) + a CE(f, f_t) = CE(f, (1-a) w + a f_t), since CE is linear in its target."""
+    return soft_ce(logits, logconf_target(logits, weak_probs, alpha))
+
+
+def pgr(acc_weak, acc_ceiling, acc_w2s):
+    """Performance gap recovered. NaN when the ceiling does not beat the weak model (the ratio means nothing)."""
+    gap = acc_ceiling - acc_weak
+    return (acc_w2s - acc_weak) / gap if gap > 0 else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The task: "is this candidate final answer correct?" (an outcome-reward-model task) built from problems
+# ----------------------------------------------------------------------------------------------------------
+def make_examples(records, rng):
+    """Each problem once, with its correct answer (label 1) or, 50/50, another problem's different answer
+    (label 0). The text ends on the candidate, so the pooled last token is the answer's last token."""
+    examples = []
+    for rec in records:
+        label = rng.random() < 0.5
+        candidate = rec["answer"]
+        if not label:
+            others = [r["answer"] for r in records if r["answer"] != rec["answer"]]
+            if not others:
+                raise SystemExit("error: every problem has the same answer: cannot build wrong candidates")
+            candidate = rng.choice(others)
+        examples.append({"text": f"{rec['question'].strip()} Answer: {candidate}", "label": int(label)})
+    return examples
+
+
+def tokenize(tokenizer, texts, device):
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    return enc.input_ids.to(device), enc.attention_mask.to(device)
+
+
+@torch.no_grad()
+def predict(model, tokenizer, texts, args, autocast, device):
+    """Class probabilities (N, 2) in float32."""
+    out = []
+    for i in range(0, len(texts), args.eval_batch_size):
+        with autocast():
+            out.append(torch.softmax(model(*tokenize(tokenizer, texts[i:i + args.eval_batch_size], device)), -1))
+    return torch.cat(out).float()
+
+
+def accuracy(probs, labels):
+    return float((probs.argmax(-1) == labels).float().mean())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One training run (train.py): Adam, cosine annealing over nsteps, loss over the whole batch
+# ----------------------------------------------------------------------------------------------------------
+def train_run(phase, model, tokenizer, texts, targets, gt, test, args, lr, ctx):
+    """Fine-tune `model` on texts with soft targets (N, 2): ground truth one-hot, or weak soft labels. The loss is
+    logconf for phase w2s_aux, soft cross-entropy otherwise. gt (N,) only feeds the train/acc_gt diagnostic."""
+    autocast, device, log, run_dir = ctx["autocast"], ctx["device"], ctx["log"], ctx["run_dir"]
+    n = len(texts)
+    nsteps = args.steps or max(1, args.epochs * n // args.batch_size)
+    model.eval()  # dropout off, as in the paper's code (train.py calls model.eval() during training)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=nsteps)
+    gen = torch.Generator().manual_seed(args.seed * 1000 + PHASES.index(phase))
+    order = []
+    bar = tqdm(range(nsteps), desc=phase, dynamic_ncols=True)
+    for step in bar:
+        t0 = time.perf_counter()
+        if len(order) < args.batch_size:  # a new epoch: reshuffle (the last partial batch of an epoch is dropped)
+            order = torch.randperm(n, generator=gen).tolist()
+        idx, order = order[:args.batch_size], order[args.batch_size:]
+        ids, mask = tokenize(tokenizer, [texts[i] for i in idx], device)  # (B, L)
+        target = targets[idx].to(device)  # (B, 2)
+        with autocast():
+            logits = model(ids, mask)  # (B, 2) fp32: the loss below sees the whole batch at once
+        alpha = None
+        if phase == "w2s_aux":
+            alpha = aux_alpha(step / nsteps, args.alpha_max, args.warmup_frac, args.alpha_schedule)
+            loss = logconf_loss(logits, target, alpha)
+        else:
+            loss = soft_ce(logits, target)
+        if not torch.isfinite(loss):
+            raise SystemExit(f"error: {phase} loss is {loss.item()} at step {step + 1}; stopping (nothing of this run is saved)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))  # measured, not clipped
+        lr_used = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            pred = logits.argmax(-1).cpu()
+            record = {"phase": phase, "step": step + 1, "loss": loss.item(), "alpha": alpha, "lr": lr_used,
+                      "grad_norm": grad_norm, "train/acc_gt": float((pred == gt[idx]).float().mean()),
+                      "train/agree_target": float((pred == targets[idx].argmax(-1)).float().mean()),
+                      "train/p1_mean": float(torch.softmax(logits, -1)[:, 1].mean()), "step_time": round(time.perf_counter() - t0, 3)}
+        log(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}")
+        tqdm.write(f"{phase:>8} step {step + 1:3d}/{nsteps} | loss {record['loss']:.4f} | alpha {'-' if alpha is None else f'{alpha:.3f}'} "
+                   f"| acc(gt) {record['train/acc_gt']:.2f} agree(target) {record['train/agree_target']:.2f} "
+                   f"| p1 {record['train/p1_mean']:.2f} | gnorm {grad_norm:.2f} | lr {record['lr']:.2e} | {record['step_time']:.1f}s")
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 != nsteps:
+            evaluate(phase, step + 1, model, tokenizer, test, args, ctx)
+    bar.close()
+    return evaluate(phase, nsteps, model, tokenizer, test, args, ctx)
+
+
+def evaluate(phase, step, model, tokenizer, test, args, ctx):
+    t0 = time.perf_counter()
+    probs = predict(model, tokenizer, test["texts"], args, ctx["autocast"], ctx["device"])
+    record = {"phase": phase, "step": step, "eval/accuracy": accuracy(probs, test["labels"])}
+    if "weak_probs" in test:  # how often the strong model agrees with its weak supervisor on the test set
+        record["eval/agreement_weak"] = float((probs.argmax(-1) == test["weak_probs"].argmax(-1)).float().mean())
+    record["eval/time"] = round(time.perf_counter() - t0, 2)
+    ctx["log"](record)
+    tqdm.write(f"eval {phase} step {step}: accuracy {record['eval/accuracy']:.1%}"
+               + (f"  agreement with weak {record['eval/agreement_weak']:.1%}" if "weak_probs" in test else "")
+               + f"  ({len(test['texts'])} test examples)")
+    return record["eval/accuracy"], probs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The experiment
+# ----------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    for flag in ("fewshot", "system_prompt", "num_generations", "max_new_tokens", "temperature"):
+        if getattr(args, flag) is not None:
+            print(f"note: --{flag.replace('_', '-')} has no effect in weak_to_strong.py (a classifier; nothing is generated)")
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = common.resolve_device(args.device)
+    weight_dtype, autocast_dtype = common.resolve_dtype(args.dtype, device)
+    autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
+    run_dir = Path(args.output_dir or f"runs/weak_to_strong__{args.seed}__{int(time.time())}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
+    metrics_file = open(run_dir / "metrics.jsonl", "w")
+
+    def log(record):
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+
+    ctx = {"autocast": autocast, "device": device, "log": log, "run_dir": run_dir}
+    t_start = time.perf_counter()
+
+    # ---- data: problems -> (text, label) examples; halves A and B; a held-out test split ----------------------
+    train, test_records = common.train_eval_records(args.dataset, args.eval_dataset, args.question_key, args.answer_key,
+                                                    seed=args.seed, eval_size=args.eval_size)
+    rng = random.Random(args.seed)
+    train = make_examples(train[:args.n_train], rng)
+    test = make_examples(test_records, random.Random(1234))  # the same test examples whatever --seed
+    weak_tok, strong_tok = common.load_tokenizer(args.weak_model), common.load_tokenizer(args.model)
+    too_long = lambda e: max(len(t(e["text"]).input_ids) for t in (weak_tok, strong_tok)) > args.max_length
+    train, test = [e for e in train if not too_long(e)], [e for e in test if not too_long(e)]
+    rng.shuffle(train)
+    half_a, half_b = train[:len(train) // 2], train[len(train) // 2:]
+    if len(half_a) < args.batch_size or not test:
+        raise SystemExit(f"error: {len(train)} training / {len(test)} test examples of <= {args.max_length} tokens: "
+                         f"need 2 x --batch-size ({args.batch_size}) and a test set; raise --n-train or --max-length")
+    labels = lambda ex: torch.tensor([e["label"] for e in ex])
+    one_hot = lambda ex: F.one_hot(labels(ex), 2).float()
+    test = {"texts": [e["text"] for e in test], "labels": labels(test)}
+    gt_b = labels(half_b)
+    print(f"weak_to_strong: half A {len(half_a)} / half B {len(half_b)} / test {len(test['texts'])} examples "
+          f"({float(gt_b.float().mean()):.0%} correct candidates in B), e.g. {half_b[0]['text']!r} -> {half_b[0]['label']}\n"
+          f"strong {args.model} | weak {args.weak_model} (first {args.weak_layers or 'all'} layers) | {device} "
+          f"(weights {weight_dtype}, autocast {autocast_dtype}) | output {run_dir}")
+
+    # ---- 1. the weak supervisor: ground truth of half A ---------------------------------------------------------
+    weak = TransformerWithHead(common.load_model(args.weak_model, device, weight_dtype), args.weak_layers)
+    acc_weak, test["weak_probs"] = train_run("weak", weak, weak_tok, [e["text"] for e in half_a], one_hot(half_a),
+                                             labels(half_a), test, args, args.weak_lr, ctx)
+    # ---- 2. weak labels on half B: soft probabilities, not hardened ---------------------------------------------
+    weak_labels = predict(weak, weak_tok, [e["text"] for e in half_b], args, autocast, device).cpu()  # (N_B, 2)
+    label_acc = accuracy(weak_labels, gt_b)
+    log({"phase": "weak_labels", "step": 0, "weak_label/accuracy": label_acc,
+         "weak_label/p1_mean": float(weak_labels[:, 1].mean()), "weak_label/confidence": float(weak_labels.max(-1).values.mean())})
+    print(f"weak labels on half B: accuracy {label_acc:.1%}, mean p(correct) {float(weak_labels[:, 1].mean()):.2f}")
+    del weak
+
+    # ---- 3. strong runs from the same start: ceiling (ground truth of B), w2s xent, w2s aux (weak labels of B) ------
+    texts_b, results = [e["text"] for e in half_b], {"weak": acc_weak}
+    for phase, targets in (("ceiling", one_hot(half_b)), ("w2s_xent", weak_labels), ("w2s_aux", weak_labels)):
+        torch.manual_seed(args.seed)
+        strong = TransformerWithHead(common.load_model(args.model, device, weight_dtype))
+        results[phase], _ = train_run(phase, strong, strong_tok, texts_b, targets, gt_b, test, args, args.lr, ctx)
+        if phase != "ceiling" and not args.no_save:
+            save_classifier(strong, run_dir / f"{phase}.safetensors")
+        del strong
+
+    # ---- 4. the table ------------------------------------------------------------------------------------------
+    results["pgr_xent"] = pgr(results["weak"], results["ceiling"], results["w2s_xent"])
+    results["pgr_aux"] = pgr(results["weak"], results["ceiling"], results["w2s_aux"])
+    results["wall_time"] = round(time.perf_counter() - t_start, 1)
+    log({"phase": "summary", "step": 0, **{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in results.items()}})
+    metrics_file.close()
+    fmt_pgr = lambda v: "n/a (ceiling <= weak)" if math.isnan(v) else f"{v:.2f}"
+    print(f"\n{'test accuracy (' + str(len(test['texts'])) + ' examples)':<34}{'':>8}PGR")
+    print(f"{'weak supervisor':<34}{results['weak']:>7.1%}")
+    print(f"{'strong ceiling (ground truth)':<34}{results['ceiling']:>7.1%}")
+    print(f"{'weak-to-strong, xent':<34}{results['w2s_xent']:>7.1%}  {fmt_pgr(results['pgr_xent'])}")
+    print(f"{'weak-to-strong, aux conf loss':<34}{results['w2s_aux']:>7.1%}  {fmt_pgr(results['pgr_aux'])}")
+    if math.isnan(results["pgr_xent"]):
+        print("note: the strong ceiling does not beat the weak model, so PGR is undefined: pick a weaker weak model")
+    print(f"metrics: {run_dir / 'metrics.jsonl'}  wall time {results['wall_time']:.0f}s"
+          + ("" if args.no_save else f"   models: {run_dir}/w2s_xent.safetensors, w2s_aux.safetensors"))
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: saved models (if any) are complete; nothing half-written was kept")
