@@ -59,7 +59,7 @@ def pct(v):
 
 
 def report(out_root, names, seeds):
-    rows, summary, curves = [], [], {}
+    rows, summary, curves, w2s_rows = [], [], {}, []
     for name in names:
         per_seed = []
         for seed in seeds:
@@ -68,10 +68,10 @@ def report(out_root, names, seeds):
             evals = [r for r in records if "eval/accuracy" in r]
             steps = [r for r in records if "reward" in r and "step_time" in r]
             wall = (run / "wall_seconds.txt").read_text().strip() if (run / "wall_seconds.txt").exists() else "-"
-            if name == "weak_to_strong":  # a classifier experiment: its own final record
-                final = next((r for r in reversed(records) if "pgr_aux" in r or "pgr/aux" in r), None)
+            if name == "weak_to_strong":  # a classifier experiment: its own table (test accuracy, PGR)
+                final = next((r for r in reversed(records) if r.get("phase") == "summary"), None)
                 if final:
-                    rows.append(f"| {name} | {seed} | see docs/weak_to_strong.md | | | | | | {wall} |")
+                    w2s_rows.append(final | {"seed": seed, "wall": wall})
                 continue
             if not evals:
                 rows.append(f"| {name} | {seed} | - | - | - | - | - | - | {wall} |")
@@ -98,6 +98,15 @@ def report(out_root, names, seeds):
              "| KL to start (last step) | wall s |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
     means = ("| run | seeds | greedy before → after (mean) | sampled before → after (mean) |\n|---|---|---|---|\n"
              + "\n".join(summary))
+    if w2s_rows:  # weak_to_strong.py: held-out classification accuracy of the four models and PGR per loss
+        fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
+        lines = [f"| {r['seed']} | {pct(r['weak'])} | {pct(r['ceiling'])} | {pct(r['w2s_xent'])} | {pct(r['w2s_aux'])} "
+                 f"| {fmt(r['pgr_xent'])} | {fmt(r['pgr_aux'])} | {r['wall']} |" for r in w2s_rows]
+        mean = lambda k: statistics.mean(r[k] for r in w2s_rows if r[k] is not None) if any(r[k] is not None for r in w2s_rows) else None
+        lines.append(f"| mean | {pct(mean('weak'))} | {pct(mean('ceiling'))} | {pct(mean('w2s_xent'))} | {pct(mean('w2s_aux'))} "
+                     f"| {fmt(mean('pgr_xent'))} | {fmt(mean('pgr_aux'))} | |")
+        table += ("\n\n| weak_to_strong seed | weak | strong ceiling | w2s xent | w2s aux | PGR xent | PGR aux | wall s |\n"
+                  "|---|---|---|---|---|---|---|---|\n" + "\n".join(lines))
     (out_root / "results.md").write_text(means + "\n\n" + table + "\n")
     print(means + "\n\n" + table)
     try:
