@@ -170,19 +170,22 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype = tor
 ARITH_OPS = {"add": ("+", lambda a, b: a + b), "sub": ("-", lambda a, b: a - b), "mul": ("*", lambda a, b: a * b)}
 
 
-def make_arith(split: str, n: int, seed: int = 0, op: str = "add", digits: int = 2) -> list:
-    """Built-in task: `digits`-digit a OP b. Every pair (a, b) belongs to exactly one split by a fixed hash
-    (1 in 10 goes to test), so train and test never share a problem; `seed` only picks and orders them."""
+def make_arith(split: str, n: int, seed: int = 0, op: str = "add", digits: int = 2, digits_b=None) -> list:
+    """Built-in task: a OP b, a with `digits` digits, b with `digits_b` (default: the same). Every pair (a, b)
+    belongs to exactly one split by a fixed hash (1 in 10 goes to test), so train and test never share a
+    problem; `seed` only picks and orders them."""
     if op not in ARITH_OPS:
         raise SystemExit(f"error: arith op '{op}': expected one of {sorted(ARITH_OPS)}")
     symbol, fn = ARITH_OPS[op]
+    digits_b = digits if digits_b is None else digits_b
     lo, hi = 10 ** (digits - 1), 10 ** digits - 1
-    space = (hi - lo + 1) ** 2
+    lo_b, hi_b = 10 ** (digits_b - 1), 10 ** digits_b - 1
+    space = (hi - lo + 1) * (hi_b - lo_b + 1)
     rng = random.Random(f"{seed}:{split}")
     records, seen = [], set()
     want_test = split == "test"
     while len(records) < n and len(seen) < space:
-        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+        a, b = rng.randint(lo, hi), rng.randint(lo_b, hi_b)
         if (a, b) in seen:
             continue
         seen.add((a, b))
@@ -267,14 +270,19 @@ def _read_file(path: Path) -> list:
 
 
 def load_records(spec: str, split: str = "train", question_key=None, answer_key=None, n=None, seed=0) -> list:
-    """`spec`: 'arith' / 'arith:OP:DIGITS' (built-in), a local .jsonl/.json/.parquet/.csv file, or a hub id."""
+    """`spec`: 'arith' / 'arith:OP:DIGITS' / 'arith:OP:AxB' (built-in; AxB: A-digit a, B-digit b), a local
+    .jsonl/.json/.parquet/.csv file, or a hub id."""
     if spec == "arith" or spec.startswith("arith:"):
         parts = spec.split(":")
         try:
-            op, digits = (parts[1] if len(parts) > 1 else "add"), int(parts[2] if len(parts) > 2 else 2)
+            op, digits = (parts[1] if len(parts) > 1 else "add"), (parts[2] if len(parts) > 2 else "2").split("x")
+            digits = [int(d) for d in digits]
+            if len(parts) > 3 or len(digits) > 2 or not all(1 <= d <= 9 for d in digits):
+                raise ValueError
         except ValueError:
-            raise SystemExit(f"error: dataset '{spec}': expected arith, arith:OP or arith:OP:DIGITS (e.g. arith:mul:1)")
-        return make_arith(split, n or (2000 if split == "train" else 500), seed, op, digits)
+            raise SystemExit(f"error: dataset '{spec}': expected arith, arith:OP, arith:OP:DIGITS or arith:OP:AxB "
+                             f"with 1-9 digits (e.g. arith:mul:1, arith:add:3x1)")
+        return make_arith(split, n or (2000 if split == "train" else 500), seed, op, *digits)
     path = Path(spec).expanduser()
     if path.is_file():
         records = normalize_records(_read_file(path), str(path), question_key, answer_key)

@@ -48,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--weak-model", default=common.DEFAULT_MODEL, help="weak supervisor: hub id, local dir, .gguf, or 'smollm2'")
     p.add_argument("--weak-layers", type=int, default=8, help="keep only the first N transformer layers of the weak model (0: all)")
     # data (shared flags)
-    p.add_argument("--dataset", default="arith:add:2", help="'arith[:add|sub|mul[:DIGITS]]', a .jsonl/.json/.parquet/.csv file, or a hub id (needs answers)")
+    p.add_argument("--dataset", default="arith:add:3x1", help="'arith[:add|sub|mul[:DIGITS|AxB]]' (default: 3-digit + 1-digit), a .jsonl/.json/.parquet/.csv file, or a hub id (needs answers)")
     p.add_argument("--eval-dataset", default=None, help="held-out problems (default: test split, else every 10th row of --dataset)")
     p.add_argument("--question-key", default=None, help="question column (default: auto-detected)")
     p.add_argument("--answer-key", default=None, help="answer column (default: auto-detected)")

@@ -32,6 +32,15 @@ def test_arith_options():
     assert " - " in r["question"] and len(r["question"].split()[2]) == 3
     with pytest.raises(SystemExit, match="arith op 'pow'"):
         common.load_records("arith:pow")
+    # AxB: A-digit a and B-digit b; train/test still disjoint; the plain spec is unchanged by the option
+    mixed = common.load_records("arith:add:3x1", "train", n=200)
+    pairs = [tuple(map(int, r["question"].removeprefix("What is ").removesuffix("?").split(" + "))) for r in mixed]
+    assert all(100 <= a <= 999 and 1 <= b <= 9 and r["answer"] == str(a + b) for (a, b), r in zip(pairs, mixed))
+    assert not {r["question"] for r in mixed} & {r["question"] for r in common.load_records("arith:add:3x1", "test", n=500)}
+    assert common.load_records("arith:add:2x2", n=50) == common.load_records("arith:add:2", n=50)
+    for bad in ("arith:add:two", "arith:add:2x1x1", "arith:add:0", "arith:add:2:3"):
+        with pytest.raises(SystemExit, match="arith:OP:AxB"):
+            common.load_records(bad)
 
 
 def write_rows(path, rows):
