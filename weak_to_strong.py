@@ -52,6 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-dataset", default=None, help="held-out problems (default: test split, else every 10th row of --dataset)")
     p.add_argument("--question-key", default=None, help="question column (default: auto-detected)")
     p.add_argument("--answer-key", default=None, help="answer column (default: auto-detected)")
+    p.add_argument("--wrong-answers", default="other", choices=["other", "near"], help="wrong candidates: another problem's answer, or the correct one +- 1..9")
     p.add_argument("--n-train", type=int, default=2048, help="training problems, split 50/50 into half A (weak) and half B (strong)")
     p.add_argument("--max-length", type=int, default=64, help="longer examples are dropped, not truncated (as the paper's code does)")
     p.add_argument("--fewshot", type=int, default=None, help="unused here (a classifier sees no examples); accepted like in every script")
@@ -181,18 +182,24 @@ def pgr(acc_weak, acc_ceiling, acc_w2s):
 # ----------------------------------------------------------------------------------------------------------
 # The task: "is this candidate final answer correct?" (an outcome-reward-model task) built from problems
 # ----------------------------------------------------------------------------------------------------------
-def make_examples(records, rng):
-    """Each problem once, with its correct answer (label 1) or, 50/50, another problem's different answer
-    (label 0). The text ends on the candidate, so the pooled last token is the answer's last token."""
+def make_examples(records, rng, wrong="other"):
+    """Each problem once, with its correct answer (label 1) or, 50/50, a wrong one (label 0): another problem's
+    different answer (wrong="other"), or the correct number plus a nonzero offset in [-9, 9] (wrong="near": the
+    leading digits match, only the last ones differ). The text ends on the candidate, so the pooled last token is
+    the answer's last token."""
+    if len({r["answer"] for r in records}) < 2:
+        raise SystemExit("error: every problem has the same answer: cannot build wrong candidates")
     examples = []
     for rec in records:
         label = rng.random() < 0.5
         candidate = rec["answer"]
-        if not label:
-            others = [r["answer"] for r in records if r["answer"] != rec["answer"]]
-            if not others:
-                raise SystemExit("error: every problem has the same answer: cannot build wrong candidates")
-            candidate = rng.choice(others)
+        if not label and wrong == "near":
+            try:
+                candidate = str(int(rec["answer"]) + rng.choice([d for d in range(-9, 10) if d]))
+            except ValueError:
+                raise SystemExit(f"error: --wrong-answers near needs integer answers, got {rec['answer']!r}")
+        while not label and candidate == rec["answer"]:
+            candidate = rng.choice(records)["answer"]
         examples.append({"text": f"{rec['question'].strip()} Answer: {candidate}", "label": int(label)})
     return examples
 
@@ -314,8 +321,8 @@ def main(argv=None):
     train, test_records = common.train_eval_records(args.dataset, args.eval_dataset, args.question_key, args.answer_key,
                                                     seed=args.seed, eval_size=args.eval_size)
     rng = random.Random(args.seed)
-    train = make_examples(train[:args.n_train], rng)
-    test = make_examples(test_records, random.Random(1234))  # the same test examples whatever --seed
+    train = make_examples(train[:args.n_train], rng, args.wrong_answers)
+    test = make_examples(test_records, random.Random(1234), args.wrong_answers)  # the same test examples whatever --seed
     weak_tok, strong_tok = common.load_tokenizer(args.weak_model), common.load_tokenizer(args.model)
     too_long = lambda e: max(len(t(e["text"]).input_ids) for t in (weak_tok, strong_tok)) > args.max_length
     train, test = [e for e in train if not too_long(e)], [e for e in test if not too_long(e)]

@@ -123,6 +123,13 @@ def test_make_examples_labels_and_wrong_candidates():
     words = [{"question": f"Q{i}", "answer": a} for i, a in enumerate(["red", "blue", "green"] * 10)]
     for e, r in zip(w2s.make_examples(words, random.Random(1)), words):
         assert (e["text"].split("Answer: ")[1] == r["answer"]) == bool(e["label"])
+    for e, r in zip(w2s.make_examples(recs, random.Random(2), wrong="near"), recs):  # near misses: +-1..9
+        offset = int(e["text"].split("Answer: ")[1]) - int(r["answer"])
+        assert (offset == 0) == bool(e["label"]) and abs(offset) <= 9
+    with pytest.raises(SystemExit, match="integer answers"):
+        w2s.make_examples(words, random.Random(0), wrong="near")
+    with pytest.raises(SystemExit, match="same answer"):
+        w2s.make_examples([{"question": "a", "answer": "1"}] * 4, random.Random(0))
 
 
 # ---- learning and the whole experiment ---------------------------------------------------------------------------
