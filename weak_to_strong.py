@@ -17,7 +17,7 @@ In Eq. 1, f_t(x) is the strong model's own prediction hardened at an adaptive th
 t = quantile(p0, q = mean of the weak labels' class-1 probability), class 1 where p0 < t (so the hardened labels
 keep the weak labels' class balance). a ramps linearly from 0 to alpha_max over the first warmup_frac of training.
 
-    python weak_to_strong.py                        # embedded SmolLM2-135M (strong) vs its first 8 layers (weak), CPU
+    python weak_to_strong.py                        # embedded SmolLM2-135M (strong) vs its first 6 layers (weak), CPU
     for s in 0 1; do python weak_to_strong.py --seed $s --output-dir runs/w2s_s$s; done    # several seeds
     python weak_to_strong.py --weak-model Qwen/Qwen2.5-0.5B --weak-layers 0 --strong-model Qwen/Qwen2.5-7B \
         --lr 1e-5 --dataset my_problems.jsonl                                            # a GPU with network
@@ -46,7 +46,7 @@ def parse_args(argv=None):
     # models
     p.add_argument("--strong-model", "--model", dest="model", default=common.DEFAULT_MODEL, help="strong model: hub id, local dir, .gguf, or 'smollm2' (embedded); --model is an alias")
     p.add_argument("--weak-model", default=common.DEFAULT_MODEL, help="weak supervisor: hub id, local dir, .gguf, or 'smollm2'")
-    p.add_argument("--weak-layers", type=int, default=8, help="keep only the first N transformer layers of the weak model (0: all)")
+    p.add_argument("--weak-layers", type=int, default=6, help="keep only the first N transformer layers of the weak model (0: all; default 6: see docs)")
     # data (shared flags)
     p.add_argument("--dataset", default="arith:add:3x1", help="'arith[:add|sub|mul[:DIGITS|AxB]]' (default: 3-digit + 1-digit), a .jsonl/.json/.parquet/.csv file, or a hub id (needs answers)")
     p.add_argument("--eval-dataset", default=None, help="held-out problems (default: test split, else every 10th row of --dataset)")

@@ -33,7 +33,8 @@ RUNS = {
     "grpo_adv": ("reinforce_rej", ["--reject", "none", "--mean-zero", "--std-normalize"]),
     "em": ("em", ["--eval-every", "5"]),                    # evaluate at steps 0, 5, 10 (default: every 2)
     "rest_em": ("rest_em", []),
-    "weak_to_strong": ("weak_to_strong", []),
+    "weak_to_strong": ("weak_to_strong", []),                 # weak = the first 6 layers (the default)
+    "weak_to_strong_l5": ("weak_to_strong", ["--weak-layers", "5"]),  # a weaker supervisor: a larger gap
 }
 BUDGET_MATCHED = {"grpo", "raft", "reinforce_rej"}  # scripts that take the shared sampling-budget flags as given
 
@@ -68,10 +69,10 @@ def report(out_root, names, seeds):
             evals = [r for r in records if "eval/accuracy" in r]
             steps = [r for r in records if "reward" in r and "step_time" in r]
             wall = (run / "wall_seconds.txt").read_text().strip() if (run / "wall_seconds.txt").exists() else "-"
-            if name == "weak_to_strong":  # a classifier experiment: its own table (test accuracy, PGR)
+            if RUNS[name][0] == "weak_to_strong":  # a classifier experiment: its own table (test accuracy, PGR)
                 final = next((r for r in reversed(records) if r.get("phase") == "summary"), None)
                 if final:
-                    w2s_rows.append(final | {"seed": seed, "wall": wall})
+                    w2s_rows.append(final | {"name": name, "seed": seed, "wall": wall})
                 continue
             if not evals:
                 rows.append(f"| {name} | {seed} | - | - | - | - | - | - | {wall} |")
@@ -100,13 +101,15 @@ def report(out_root, names, seeds):
              + "\n".join(summary))
     if w2s_rows:  # weak_to_strong.py: held-out classification accuracy of the four models and PGR per loss
         fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
-        lines = [f"| {r['seed']} | {pct(r['weak'])} | {pct(r['ceiling'])} | {pct(r['w2s_xent'])} | {pct(r['w2s_aux'])} "
+        lines = [f"| {r['name']} | {r['seed']} | {pct(r['weak'])} | {pct(r['ceiling'])} | {pct(r['w2s_xent'])} | {pct(r['w2s_aux'])} "
                  f"| {fmt(r['pgr_xent'])} | {fmt(r['pgr_aux'])} | {r['wall']} |" for r in w2s_rows]
-        mean = lambda k: statistics.mean(r[k] for r in w2s_rows if r[k] is not None) if any(r[k] is not None for r in w2s_rows) else None
-        lines.append(f"| mean | {pct(mean('weak'))} | {pct(mean('ceiling'))} | {pct(mean('w2s_xent'))} | {pct(mean('w2s_aux'))} "
-                     f"| {fmt(mean('pgr_xent'))} | {fmt(mean('pgr_aux'))} | |")
-        table += ("\n\n| weak_to_strong seed | weak | strong ceiling | w2s xent | w2s aux | PGR xent | PGR aux | wall s |\n"
-                  "|---|---|---|---|---|---|---|---|\n" + "\n".join(lines))
+        for name in dict.fromkeys(r["name"] for r in w2s_rows):  # a mean row per variant
+            rs = [r for r in w2s_rows if r["name"] == name]
+            mean = lambda k: statistics.mean(r[k] for r in rs if r[k] is not None) if any(r[k] is not None for r in rs) else None
+            lines.append(f"| {name} | mean | {pct(mean('weak'))} | {pct(mean('ceiling'))} | {pct(mean('w2s_xent'))} | {pct(mean('w2s_aux'))} "
+                         f"| {fmt(mean('pgr_xent'))} | {fmt(mean('pgr_aux'))} | |")
+        table += ("\n\n| run | seed | weak | strong ceiling | w2s xent | w2s aux | PGR xent | PGR aux | wall s |\n"
+                  "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(lines))
     (out_root / "results.md").write_text(means + "\n\n" + table + "\n")
     print(means + "\n\n" + table)
     try:

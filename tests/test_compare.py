@@ -28,6 +28,7 @@ def test_every_run_gets_the_same_sampling_budget_where_the_script_takes_it(tmp_p
     assert flag(em, "--steps") is None and flag(em, "--prompts-per-step") == "4"  # EM keeps its own 10 steps
     assert flag(compare.command("rest_em", 0, BUDGET, tmp_path), "--steps") is None
     assert flag(compare.command("weak_to_strong", 1, BUDGET, tmp_path), "--seed") == "1"
+    assert flag(compare.command("weak_to_strong_l5", 1, BUDGET, tmp_path), "--weak-layers") == "5"
 
 
 def write_run(root, name, seed, records, wall):
@@ -45,10 +46,13 @@ def test_report_means_per_seed_rows_and_weak_to_strong_table(tmp_path, capsys):
         write_run(tmp_path, "weak_to_strong", seed, [{"phase": "summary", "step": 0, "weak": 0.6, "ceiling": 0.8 + 0.1 * seed,
                   "w2s_xent": 0.7, "w2s_aux": 0.75, "pgr_xent": 0.5 if seed == 0 else 1 / 3,
                   "pgr_aux": 0.75 if seed == 0 else 0.5}], 50)
-    compare.report(tmp_path, ["grpo", "weak_to_strong"], [0, 1])
+    write_run(tmp_path, "weak_to_strong_l5", 0, [{"phase": "summary", "step": 0, "weak": 0.5, "ceiling": 0.9,
+              "w2s_xent": 0.6, "w2s_aux": 0.9, "pgr_xent": 0.25, "pgr_aux": 1.0}], 40)  # a variant: its own mean row
+    compare.report(tmp_path, ["grpo", "weak_to_strong", "weak_to_strong_l5"], [0, 1])
     text = (tmp_path / "results.md").read_text()
     assert "| grpo | 2 | 35.0% → 70.0% | 10.0% → 50.0% |" in text  # means over the two seeds
     # per seed: last-5-step mean of the training reward (0.2..0.6 -> 0.4), last KL 0.06, wall seconds
     assert "| grpo | 1 | 40.0% | 80.0% | 10.0% | 50.0% | 40.0% | 0.0600 | 101 |" in text
-    assert "| 0 | 60.0% | 80.0% | 70.0% | 75.0% | 0.50 | 0.75 | 50 |" in text
-    assert "| mean | 60.0% | 85.0% | 70.0% | 75.0% | 0.42 | 0.62 | |" in text
+    assert "| weak_to_strong | 0 | 60.0% | 80.0% | 70.0% | 75.0% | 0.50 | 0.75 | 50 |" in text
+    assert "| weak_to_strong | mean | 60.0% | 85.0% | 70.0% | 75.0% | 0.42 | 0.62 | |" in text
+    assert "| weak_to_strong_l5 | mean | 50.0% | 90.0% | 60.0% | 90.0% | 0.25 | 1.00 | |" in text
