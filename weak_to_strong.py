@@ -62,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on GPU; fp32 weights + bf16 autocast on CPU")
     # optimization (the paper code's defaults: batch 32, 2 epochs, Adam, cosine annealing, no warm-up)
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (paper code: 5e-5 GPT-2 sizes, 1e-5 larger; 1e-4 here: only 64 steps)")
-    p.add_argument("--weak-lr", type=float, default=None, help="Adam learning rate of the weak model (default: --lr)")
+    p.add_argument("--weak-lr", type=float, default=5e-5, help="Adam learning rate of the weak model (paper code's for GPT-2 sizes; see docs)")
     p.add_argument("--epochs", type=int, default=2, help="epochs over a half per training run (paper code: 2)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per training run (default: epochs x half / batch)")
     p.add_argument("--batch-size", type=int, default=32, help="examples per optimizer step; the aux loss and its threshold use the whole batch")
@@ -88,9 +88,10 @@ def parse_args(argv=None):
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
     if args.steps is not None and args.steps < 1:
         p.error("--steps must be >= 1")
+    if args.lr <= 0 or args.weak_lr <= 0:
+        p.error("--lr and --weak-lr must be > 0")
     if not 0 < args.warmup_frac <= 1 or not 0 <= args.alpha_max <= 1:
         p.error("need 0 < --warmup-frac <= 1 and 0 <= --alpha-max <= 1")
-    args.weak_lr = args.lr if args.weak_lr is None else args.weak_lr
     return args
 
 

@@ -33,8 +33,8 @@ RUNS = {
     "grpo_adv": ("reinforce_rej", ["--reject", "none", "--mean-zero", "--std-normalize"]),
     "em": ("em", ["--eval-every", "5"]),                    # evaluate at steps 0, 5, 10 (default: every 2)
     "rest_em": ("rest_em", []),
-    "weak_to_strong": ("weak_to_strong", []),                 # weak = the first 6 layers (the default)
-    "weak_to_strong_l5": ("weak_to_strong", ["--weak-layers", "5"]),  # a weaker supervisor: a larger gap
+    "weak_to_strong": ("weak_to_strong", []),                 # weak = the first 6 layers at lr 5e-5 (the defaults)
+    "weak_to_strong_l5": ("weak_to_strong", ["--weak-layers", "5", "--weak-lr", "1e-4"]),  # a near-chance supervisor
 }
 BUDGET_MATCHED = {"grpo", "raft", "reinforce_rej"}  # scripts that take the shared sampling-budget flags as given
 
@@ -65,6 +65,8 @@ def report(out_root, names, seeds):
         per_seed = []
         for seed in seeds:
             run = out_root / f"{name}__{seed}"
+            if not run.is_dir():  # not run (yet): no row
+                continue
             records = read_metrics(run)
             evals = [r for r in records if "eval/accuracy" in r]
             steps = [r for r in records if "reward" in r and "step_time" in r]
@@ -159,6 +161,8 @@ def main():
     p.add_argument("--dry-run", action="store_true", help="print the commands without running them")
     args = p.parse_args()
     out_root = Path(args.out)
+    if args.report_only and not out_root.is_dir():
+        raise SystemExit(f"error: --report-only: no runs at {out_root} (run without --report-only first)")
     if not args.report_only:
         for seed in args.seeds:
             for name in args.runs:

@@ -170,3 +170,13 @@ def test_main_end_to_end_writes_metrics_table_and_models(tiny_model_dir, tmp_pat
     assert records[-1]["phase"] == "summary" and "pgr_aux" in records[-1]
     loaded = w2s.load_classifier(tiny_model_dir, out / "w2s_aux.safetensors")
     assert loaded.head.weight.abs().sum() > 0  # the trained head, not a fresh zero one
+
+
+def test_defaults_and_bad_flags_give_clear_errors(capsys):
+    args = w2s.parse_args([])
+    assert (args.weak_layers, args.weak_lr, args.lr, args.dataset) == (6, 5e-5, 1e-4, "arith:add:3x1")  # the docs' defaults
+    assert w2s.parse_args(["--weak-lr", "1e-3"]).weak_lr == 1e-3
+    for bad in (["--weak-lr", "0"], ["--lr", "-1e-4"], ["--warmup-frac", "0"], ["--alpha-max", "2"], ["--n-train", "0"]):
+        with pytest.raises(SystemExit):
+            w2s.parse_args(bad)
+        assert "error:" in capsys.readouterr().err
