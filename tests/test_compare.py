@@ -56,3 +56,13 @@ def test_report_means_per_seed_rows_and_weak_to_strong_table(tmp_path, capsys):
     assert "| weak_to_strong | 0 | 60.0% | 80.0% | 70.0% | 75.0% | 0.50 | 0.75 | 50 |" in text
     assert "| weak_to_strong | mean | 60.0% | 85.0% | 70.0% | 75.0% | 0.42 | 0.62 | |" in text
     assert "| weak_to_strong_l5 | mean | 50.0% | 90.0% | 60.0% | 90.0% | 0.25 | 1.00 | |" in text
+
+
+def test_report_only_without_runs_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["compare.py", "--report-only", "--out", str(tmp_path / "nothing_here")])
+    try:
+        compare.main()
+    except SystemExit as e:
+        assert "no runs at" in str(e)
+    else:
+        raise AssertionError("expected a clear error")
