@@ -9,11 +9,13 @@ each algorithm file so that one file reads top to bottom on its own.
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import random
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -44,14 +46,21 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def save_pretrained_atomic(model, tokenizer, out_dir) -> Path:
+def save_pretrained_atomic(model, tokenizer, out_dir, dtype=None) -> Path:
     """Write model (safetensors) + tokenizer to a temp dir beside `out_dir`, then rename it into place, so a
-    crash or Ctrl-C mid-write never leaves a half-written directory under the final name."""
+    crash or Ctrl-C mid-write never leaves a half-written directory under the final name. dtype: the saved
+    weights' dtype (default: as trained, i.e. the fp32 master weights)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        state = None if dtype is None else {k: v.to(dtype) for k, v in model.state_dict().items()}
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
+        if state is not None:
+            config_path = tmp / "config.json"
+            config = json.loads(config_path.read_text())
+            config["dtype"] = str(dtype).replace("torch.", "")
+            config_path.write_text(json.dumps(config, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         old = out_dir.with_name(f".{out_dir.name}.old")
@@ -123,15 +132,20 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device):
-    """-> (weight dtype, autocast dtype or None). auto: bf16 weights on GPU; on CPU fp32 weights with bf16
-    autocast (AMX runs bf16 matmuls ~6x faster than fp32 while the fp32 master weights keep AdamW exact)."""
-    if dtype == "auto":
-        return (torch.bfloat16, None) if device.type == "cuda" else (torch.float32, torch.bfloat16)
+    """-> (weight dtype, autocast dtype or None). The default on every device keeps fp32 master weights and runs
+    the matmuls in bf16 under autocast: AdamW's updates at lr 1e-6 are far below bf16's resolution (|w| * 2^-8),
+    so bf16 weights would round most of them away. `pure-bfloat16` (bf16 weights, no autocast) halves weight
+    memory but loses those updates: an explicit opt-in that warns."""
+    if dtype in ("auto", "bfloat16", "bf16"):
+        return torch.float32, torch.bfloat16
     if dtype in ("float32", "fp32"):
         return torch.float32, None
-    if dtype in ("bfloat16", "bf16"):
+    if dtype == "pure-bfloat16":
+        print("warning: --dtype pure-bfloat16 keeps the weights in bf16: AdamW updates smaller than |w| * 2^-8 "
+              "round away (at lr 1e-6 most weights never move). The default keeps fp32 master weights.",
+              file=sys.stderr)
         return torch.bfloat16, None
-    raise SystemExit(f"error: --dtype {dtype}: expected auto, float32 or bfloat16")
+    raise SystemExit(f"error: --dtype {dtype}: expected auto, bfloat16, float32 or pure-bfloat16")
 
 
 def load_tokenizer(name_or_path: str):
@@ -149,7 +163,8 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype = torch.float32):
+def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype = torch.float32,
+               gradient_checkpointing: bool = False):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -161,7 +176,94 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype = tor
     except OSError as e:
         raise SystemExit(f"error: cannot load model '{name_or_path}': {str(e).splitlines()[0]} "
                          f"(offline? the default '{DEFAULT_MODEL}' needs no network)")
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     return model.to(device)
+
+
+def enable_gradient_checkpointing(model):
+    """Recompute each decoder layer's activations in the backward (torch.utils.checkpoint, non-reentrant) instead
+    of keeping them: activation memory drops from one set per layer to one layer's.
+
+    Not HF's gradient_checkpointing_enable(): it does nothing in eval mode (our scripts train in eval mode, so
+    dropout is off and pi_old and pi_theta are the same function) and in train mode it turns the KV cache off,
+    which the prefix-sharing training forward needs. A layer's forward appends its keys/values to the cache, so
+    the recomputation first puts that cache layer back as it was before the first run, then appends again."""
+    for i, layer in enumerate(model.get_decoder().layers):
+        layer.forward = _checkpointed(layer.forward, i)
+    return model
+
+
+def _checkpointed(forward, layer_idx):
+    from torch.utils.checkpoint import checkpoint
+
+    def run_layer(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache_layer = cache.layers[layer_idx] if cache is not None and layer_idx < len(cache.layers) else None
+        before = dict(vars(cache_layer)) if cache_layer is not None else None  # tensors are replaced, not mutated
+
+        def recomputable(*a, **kw):
+            if before is not None:
+                vars(cache_layer).update(before)
+            return forward(*a, **kw)
+        return checkpoint(recomputable, *args, use_reentrant=False, **kwargs)
+    return run_layer
+
+
+def stop_token_ids(tokenizer, model) -> list:
+    """Token ids that end a completion: the tokenizer's EOS, the generation config's EOS, and the chat template's
+    end-of-turn token where it differs (Qwen2.5 base models: EOS <|endoftext|>, turns end with <|im_end|>;
+    without it a completion runs on into invented turns)."""
+    gen_eos = model.generation_config.eos_token_id  # an int, a list, or None
+    ids = {tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])}
+    if tokenizer.chat_template:
+        probe = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+                                              tokenize=False)
+        for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"):
+            token_id = tokenizer.convert_tokens_to_ids(marker)
+            if marker in probe and isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+                ids.add(token_id)
+    return sorted(ids - {None})
+
+
+def check_context_length(model, prompt_len: int, max_new_tokens: int):
+    """One clear line when a prompt + --max-new-tokens would run past the model's position embeddings."""
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if limit and prompt_len + max_new_tokens > limit:
+        raise SystemExit(f"error: a prompt of {prompt_len} tokens + --max-new-tokens {max_new_tokens} exceeds the "
+                         f"model's context length ({limit}); lower --max-new-tokens")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Runs: argument checks, the run directory, saving
+# ----------------------------------------------------------------------------------------------------------
+def check_args(parser, args, at_least_one=(), positive=(), non_negative=()):
+    """Command-line checks shared by the scripts: one clear line (argparse's usage error, exit 2) for a numeric
+    flag out of its range; None means 'unset'."""
+    for names, ok, rule in ((at_least_one, lambda v: v >= 1, ">= 1"), (positive, lambda v: v > 0, "> 0"),
+                            (non_negative, lambda v: v >= 0, ">= 0")):
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not (math.isfinite(value) and ok(value)):
+                parser.error(f"--{name.replace('_', '-')} must be {rule} (got {value})")
+
+
+def make_run_dir(args, name):
+    """runs/<name>__<seed>__<time> (or --output-dir) with the run's arguments in args.json."""
+    run_dir = Path(args.output_dir or f"runs/{name}__{args.seed}__{int(time.time())}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
+    (run_dir / "samples.jsonl").write_text("")  # a few eval completions, appended at every eval
+    return run_dir
+
+
+def save_model(model, tokenizer, run_dir, args):
+    """The trained model to <run>/model (atomically; fp32 master weights unless --save-dtype), unless --no-save."""
+    if not args.no_save:
+        save_pretrained_atomic(model, tokenizer, Path(run_dir) / "model",
+                               getattr(torch, args.save_dtype) if args.save_dtype else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -329,6 +431,29 @@ def train_eval_records(dataset: str, eval_dataset=None, question_key=None, answe
     return train, test[:eval_size]
 
 
+def load_problems(args):
+    """(train, test, fewshot) records for a script's --dataset/--eval-dataset/--fewshot flags; the few-shot
+    examples are taken off the training set, so they are never also training problems."""
+    train, test = train_eval_records(args.dataset, args.eval_dataset, args.question_key, args.answer_key,
+                                     seed=args.seed, eval_size=args.eval_size)
+    k = default_fewshot(args.dataset) if args.fewshot is None else args.fewshot
+    fewshot, train = train[:k], train[k:]
+    if not train:
+        raise SystemExit(f"error: dataset {args.dataset} has no training problems left after {k} few-shot examples")
+    return train, test, fewshot
+
+
+def next_batch(records, order, rng, n):
+    """n records drawn without replacement; `order` holds the rest of the current shuffled pass (refilled)."""
+    batch = []
+    for _ in range(n):
+        if not order:
+            order.extend(range(len(records)))
+            rng.shuffle(order)
+        batch.append(records[order.pop()])
+    return batch
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Prompting
 # ----------------------------------------------------------------------------------------------------------
@@ -364,6 +489,58 @@ def default_fewshot(dataset: str) -> int:
     """The embedded 135M model only answers in the \\boxed{} format with one worked example turn (measured:
     ~80% of replies boxed with one, <=20% with none), so the built-in task defaults to K=1."""
     return 1 if dataset.startswith("arith") else 0
+
+
+def tokenize_prompts(tokenizer, prompts, device):
+    """(P, Lp) left-padded ids and attention mask; templates already hold their special tokens."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not tokenizer.chat_template)
+    return enc.input_ids.to(device), enc.attention_mask.to(device)
+
+
+def decode(tokenizer, completion_ids, lens):
+    """Completion texts: row i's first lens[i] tokens, special tokens (the EOS) dropped."""
+    return tokenizer.batch_decode([c[:n] for c, n in zip(completion_ids.tolist(), lens.tolist())],
+                                  skip_special_tokens=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rewards: the math reward (grade() below), or a user's function from --reward-fn, called with a clear error
+# ----------------------------------------------------------------------------------------------------------
+def math_reward(prompts, completions, records):
+    return [1.0 if grade(c, r["answer"]) else 0.0 for c, r in zip(completions, records)]
+
+
+def load_reward_fn(spec):
+    """'path/to/file.py:function' -> the function, or math grading when spec is None."""
+    if spec is None:
+        return math_reward
+    path, _, name = spec.rpartition(":")
+    if not path or not Path(path).is_file() or not name:
+        raise SystemExit(f"error: --reward-fn {spec}: expected path/to/file.py:function with an existing file")
+    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not callable(getattr(module, name, None)):
+        raise SystemExit(f"error: --reward-fn {spec}: {path} has no function '{name}'")
+    return getattr(module, name)
+
+
+def compute_rewards(reward_fn, prompts, completions, records):
+    """reward_fn(prompts, completions, records) as a list of floats; if it raises, find and show the failing
+    sample instead of swallowing it; a wrong count or a non-finite value is one clear error."""
+    try:
+        rewards = [float(r) for r in reward_fn(prompts, completions, records)]
+    except Exception as batch_error:
+        for p, c, r in zip(prompts, completions, records):
+            try:
+                reward_fn([p], [c], [r])
+            except Exception as e:
+                raise SystemExit(f"error: reward function raised {type(e).__name__}: {e}\n  on completion: {c!r}\n"
+                                 f"  answer: {r.get('answer')!r}\n  prompt (end): {p[-200:]!r}")
+        raise SystemExit(f"error: reward function raised {type(batch_error).__name__}: {batch_error}")
+    if len(rewards) != len(completions) or not all(math.isfinite(r) for r in rewards):
+        raise SystemExit(f"error: reward function must return {len(completions)} finite floats, got {rewards[:8]}...")
+    return rewards
 
 
 # ----------------------------------------------------------------------------------------------------------

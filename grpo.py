@@ -18,101 +18,123 @@ gradient is not: it is -A * grad log pi, a policy gradient with the group mean a
 
     python grpo.py                                   # embedded SmolLM2-135M-Instruct, built-in arithmetic, CPU
     python grpo.py --model Qwen/Qwen2.5-Math-1.5B --dataset HuggingFaceH4/MATH-500 --fewshot 0 \
-        --max-new-tokens 1024 --lr 1e-6 --prompts-per-step 16 --micro-batch-prompts 2   # a GPU with network
+        --max-new-tokens 1024 --lr 1e-6 --prompts-per-step 16 --gradient-checkpointing   # one GPU, network
 """
 import argparse
 import copy
-import importlib.util
 import json
 import math
 import random
-import sys
 import time
-from pathlib import Path
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import common
 
+ALGO = "grpo"
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     # model / data (shared flags: the same meaning in every script of the suite)
-    p.add_argument("--model", default=common.DEFAULT_MODEL, help="hub id, local dir, .gguf file, or 'smollm2' (embedded)")
-    p.add_argument("--dataset", default="arith", help="'arith[:add|sub|mul[:DIGITS]]', a .jsonl/.json/.parquet/.csv file, or a hub id")
-    p.add_argument("--eval-dataset", default=None, help="held-out problems (default: test split, else every 10th row of --dataset)")
+    p.add_argument("--model", default=common.DEFAULT_MODEL, help="hub id, local dir, .gguf file, or 'smollm2'")
+    p.add_argument("--dataset", default="arith", help="'arith[:add|sub|mul[:DIGITS]]', a local file, or a hub id")
+    p.add_argument("--eval-dataset", default=None, help="held-out problems (default: test split, else every 10th row)")
     p.add_argument("--question-key", default=None, help="question column (default: auto-detected)")
     p.add_argument("--answer-key", default=None, help="answer column (default: auto-detected)")
-    p.add_argument("--fewshot", type=int, default=None, help="solved examples shown as earlier chat turns (default: 1 for arith, else 0)")
+    p.add_argument("--fewshot", type=int, default=None, help="solved examples as earlier chat turns (arith: 1, else 0)")
     p.add_argument("--system-prompt", default=None, help="system message (default: the chat template's own)")
-    p.add_argument("--reward-fn", default=None, help="path/to/file.py:function(prompts, completions, records) -> floats (default: math grading)")
+    p.add_argument("--reward-fn", default=None, help="file.py:function(prompts, completions, records) -> floats")
     p.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and init")
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on GPU; fp32 weights + bf16 autocast on CPU")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "pure-bfloat16"],
+                   help="auto/bfloat16: fp32 master weights + bf16 autocast; pure-bfloat16: bf16 weights (warns)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute decoder layers in the backward")
     # sampling
-    p.add_argument("--steps", type=int, default=40, help="generation batches (each followed by --mu optimizer updates)")
+    p.add_argument("--steps", type=int, default=40, help="generation batches (each followed by --mu updates)")
     p.add_argument("--prompts-per-step", type=int, default=4, help="prompts per generation batch")
     p.add_argument("--num-generations", type=int, default=8, help="G: completions sampled per prompt (>= 2)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="completion length cap")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (log-probs use logits / T)")
     # GRPO
-    p.add_argument("--loss-type", default="dapo", choices=["grpo", "dapo", "dr_grpo"], help="loss aggregation (see docstring)")
-    p.add_argument("--no-std-scaling", action="store_true", help="A = r - mean(r) without the std division (Dr. GRPO)")
-    p.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient against the frozen start model (0: no reference model is loaded)")
+    p.add_argument("--loss-type", default="dapo", choices=["grpo", "dapo", "dr_grpo"], help="loss aggregation")
+    p.add_argument("--no-std-scaling", action="store_true", help="A = r - mean(r), no std division (Dr. GRPO)")
+    p.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient against the frozen start model")
+    p.add_argument("--log-kl", action="store_true", help="keep the start model to log the KL even with beta 0")
     p.add_argument("--epsilon", type=float, default=0.2, help="clip epsilon_low")
-    p.add_argument("--epsilon-high", type=float, default=None, help="clip epsilon_high (default: --epsilon; DAPO: 0.28)")
-    p.add_argument("--mu", type=int, default=1, help="optimizer updates per generation batch (old log-probs stored)")
+    p.add_argument("--epsilon-high", type=float, default=None, help="clip epsilon_high (default: --epsilon)")
+    p.add_argument("--mu", type=int, default=1, help="optimizer updates per generation batch (pi_old frozen)")
     # optimization
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (constant after warm-up)")
     p.add_argument("--warmup-steps", type=int, default=2, help="linear LR warm-up, in optimizer updates")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clipping")
-    p.add_argument("--micro-batch-prompts", type=int, default=1, help="prompt groups per forward/backward (gradient accumulation)")
-    # evaluation / logging
+    p.add_argument("--micro-batch-prompts", type=int, default=1, help="prompts per forward/backward (accumulation)")
+    # evaluation / logging / saving
     p.add_argument("--eval-every", type=int, default=20, help="evaluate every N steps (0: only before and after)")
     p.add_argument("--eval-size", type=int, default=100, help="held-out problems per evaluation")
     p.add_argument("--eval-batch-size", type=int, default=64, help="prompts per generation call during eval")
-    p.add_argument("--output-dir", default=None, help="default: runs/grpo__<seed>__<time>")
+    p.add_argument("--output-dir", default=None, help="default: runs/<algo>__<seed>__<time>")
     p.add_argument("--no-save", action="store_true", help="do not write the final model")
+    p.add_argument("--save-dtype", default=None, choices=["float32", "bfloat16"], help="saved weights (default: fp32)")
     args = p.parse_args(argv)
+    common.check_args(p, args, at_least_one=("steps", "prompts_per_step", "max_new_tokens", "mu", "eval_size",
+                                      "eval_batch_size", "micro_batch_prompts"),
+               positive=("lr", "temperature", "epsilon", "epsilon_high", "max_grad_norm"),
+               non_negative=("beta", "warmup_steps", "weight_decay", "eval_every"))
     if args.num_generations < 2:
-        p.error("--num-generations must be >= 2: group-normalized advantages need at least two samples per prompt")
-    for flag in ("steps", "prompts_per_step", "max_new_tokens", "mu", "eval_size"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.temperature <= 0:
-        p.error("--temperature must be > 0 (GRPO needs sampled groups)")
+        p.error("--num-generations must be >= 2: group-normalized advantages need two samples per prompt")
     args.epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
     return args
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Sampling (plumbing): prefill each prompt once, share its KV cache across the G samples, drop finished rows
+# Plumbing shared by every script, copied byte for byte (tests/test_consistency.py checks): sampling, the
+# training forward, logging
 # ----------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def generate(model, prompt_ids, prompt_mask, num_samples, max_new_tokens, temperature, eos_ids, generator):
-    """Sample `num_samples` completions per prompt (temperature 0: greedy).
-    prompt_ids/prompt_mask: (P, Lp), left-padded. Returns completion_ids (P*G, T) and completion_lens (P*G,):
-    row i holds tokens [0, len_i) including the EOS it generated; positions after it are padding (EOS id)."""
+def generate(model, prompt_ids, prompt_mask, num_samples, max_new_tokens, temperature, eos_ids, generator,
+             top_k=0, top_p=1.0, repetition_penalty=1.0):
+    """G = num_samples completions per (P, Lp) left-padded prompt (temperature 0: greedy), optionally top-k, top-p,
+    HF's repetition penalty. -> ids (P*G, T), lens (P*G,): row i continues prompt i // G, EOS included."""
     P, G = prompt_ids.shape[0], num_samples
     positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
+    cache = out.cache
     cache.batch_repeat_interleave(G)  # (P, ...) -> (P*G, ...): the prompt is encoded once per group
     logits = out.logits[:, -1].float().repeat_interleave(G, 0)  # (B, V), B = P*G
     attn = prompt_mask.repeat_interleave(G, 0)  # (B, Lp) grows by one column per decoded token
     next_pos = prompt_mask.sum(1).repeat_interleave(G, 0)  # (B,) position id of the next token
-    B, device = P * G, prompt_ids.device
+    B, V, device = P * G, logits.shape[-1], prompt_ids.device
     tokens = torch.full((B, max_new_tokens), eos_ids[0], dtype=torch.long, device=device)
     lens = torch.zeros(B, dtype=torch.long, device=device)
     alive = torch.arange(B, device=device)  # rows of the batch still decoding
     eos = torch.tensor(eos_ids, device=device)
+    seen = None  # (b, V) tokens already in the prompt (padding excluded) or the completion, for the penalty
+    if repetition_penalty != 1.0:
+        seen = (torch.zeros(P, V, device=device).scatter_add_(1, prompt_ids, prompt_mask.float()) > 0)
+        seen = seen.repeat_interleave(G, 0)
     for t in range(max_new_tokens):
+        if seen is not None:  # HF RepetitionPenaltyLogitsProcessor: positive logits / penalty, negative * penalty
+            penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+            logits = torch.where(seen, penalized, logits)
         if temperature > 0:  # inverse-CDF sampling: one uniform per row (torch.multinomial is ~40x slower on CPU)
-            cdf = torch.softmax(logits / temperature, -1).cumsum(-1)  # (b, V)
+            candidates = None  # (b, K) token ids when the choice is cut down to a subset
+            if 0 < top_k < V:
+                logits, candidates = logits.topk(top_k, -1)  # (b, K), sorted
+            probs = torch.softmax(logits / temperature, -1)
+            if top_p < 1.0:  # nucleus: keep the most likely tokens until the mass before them reaches top_p
+                probs, order = probs.sort(-1, descending=True)
+                candidates = order if candidates is None else candidates.gather(1, order)
+                probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
+            cdf = probs.cumsum(-1)
             u = torch.rand(len(cdf), 1, generator=generator, device=device) * cdf[:, -1:]
-            tok = torch.searchsorted(cdf, u).squeeze(1).clamp(max=cdf.shape[1] - 1)
+            tok = torch.searchsorted(cdf, u).clamp(max=cdf.shape[1] - 1)  # (b, 1)
+            tok = (candidates.gather(1, tok) if candidates is not None else tok).squeeze(1)
         else:
             tok = logits.argmax(-1)
         tokens[alive, t] = tok
@@ -120,13 +142,16 @@ def generate(model, prompt_ids, prompt_mask, num_samples, max_new_tokens, temper
         keep = ~torch.isin(tok, eos)
         if t == max_new_tokens - 1 or not keep.any():
             break
+        if seen is not None:
+            seen[torch.arange(len(tok), device=device), tok] = True
         if not keep.all():  # finished rows leave the batch: later steps decode only live ones
             idx = keep.nonzero().squeeze(1)
             cache.batch_select_indices(idx)
             alive, attn, next_pos, tok = alive[idx], attn[idx], next_pos[idx], tok[idx]
+            seen = seen[idx] if seen is not None else None
         attn = torch.cat([attn, attn.new_ones(len(alive), 1)], 1)
-        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                    past_key_values=cache, use_cache=True)
+        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None], cache=cache,
+                    use_cache=True)
         next_pos = next_pos + 1
         logits = out.logits[:, -1].float()
     T = max(int(lens.max()), 1)
@@ -139,34 +164,92 @@ def completion_mask_from_lens(lens, T):
     return (torch.arange(T, device=lens.device)[None, :] < lens[:, None]).float()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Log-probs of the completion tokens under the current policy (the training forward)
-# ----------------------------------------------------------------------------------------------------------
-def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, num_samples, temperature):
-    """log pi(y_t | x, y_<t) from logits / T for every completion token (B, T), and the entropy of that
-    distribution (B, T, no grad). The prompt runs once per prompt, not once per sample: its keys/values are
-    repeated for the G completions and gradients flow back through the repeat, so this equals the plain forward
-    over [prompt; completion] (tested) at a fraction of the cost. Logits are computed only where a completion
-    token is predicted: the last prompt position and completion positions 0..T-2."""
-    G = num_samples
+def truncated_rows(completion_ids, lens, eos_ids):
+    """(B,) bool: the completion hit the length cap without emitting a stop token."""
+    last = completion_ids.gather(1, (lens - 1)[:, None]).squeeze(1)
+    return ~torch.isin(last, torch.tensor(eos_ids, device=completion_ids.device))
+
+
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, prompt_index, temperature,
+                        entropy_grad=False, chunk_tokens=512):
+    """log pi(y_t | x, y_<t) under logits / T (B, T) and the entropy there (B, T; grad only if entropy_grad);
+    completion b continues prompt prompt_index[b]. Each prompt runs once, its KV gathered for its completions.
+    The vocabulary projection runs `chunk_tokens` positions at a time and is recomputed in the backward: never
+    (B, T, V) fp32 logits at once. Equal to the plain [prompt; completion] forward in value and grad (tested)."""
     B, T = completion_ids.shape
+    decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
     positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
-    prompt_out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    cache = prompt_out.past_key_values
-    cache.batch_repeat_interleave(G)
-    attn = torch.cat([prompt_mask.repeat_interleave(G, 0), prompt_mask.new_ones(B, T)], 1)
-    pos = prompt_mask.sum(1, keepdim=True).repeat_interleave(G, 0) + torch.arange(T, device=completion_ids.device)
-    logits = prompt_out.logits[:, -1:].repeat_interleave(G, 0)  # (B, 1, V): predicts completion token 0
+    prompt_out = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True)
+    cache = prompt_out.cache
+    cache.batch_select_indices(prompt_index)  # (P, ...) -> (B, ...): row b holds the keys/values of its prompt
+    hidden = prompt_out.last_hidden_state[prompt_index, -1:]  # (B, 1, H): predicts completion token 0
     if T > 1:
-        out = model(input_ids=completion_ids[:, :-1], attention_mask=attn[:, :-1], position_ids=pos[:, :-1],
-                    past_key_values=cache, use_cache=True)
-        logits = torch.cat([logits, out.logits], 1)  # (B, T, V)
-    logits = logits.float() / temperature if temperature != 1.0 else logits.float()
-    logz = logits.logsumexp(-1)  # no full (B, T, V) log-softmax tensor is kept for the backward
-    logprobs = logits.gather(-1, completion_ids[..., None]).squeeze(-1) - logz
-    with torch.no_grad():
+        attn = torch.cat([prompt_mask[prompt_index], prompt_mask.new_ones(B, T - 1)], 1)
+        pos = prompt_mask.sum(1, keepdim=True)[prompt_index] + torch.arange(T - 1, device=completion_ids.device)
+        out = decoder(input_ids=completion_ids[:, :-1], attention_mask=attn, position_ids=pos, cache=cache,
+                      use_cache=True)
+        hidden = torch.cat([hidden, out.last_hidden_state], 1)  # (B, T, H)
+    hidden, targets = hidden.reshape(B * T, -1), completion_ids.reshape(B * T)
+    entropy_grad = entropy_grad and torch.is_grad_enabled()
+    logprobs, entropy = [], []
+    for s in range(0, B * T, chunk_tokens):
+        chunk = (lm_head, hidden[s:s + chunk_tokens], targets[s:s + chunk_tokens], temperature, entropy_grad)
+        lp, ent = checkpoint(token_logprobs, *chunk, use_reentrant=False) if hidden.requires_grad else \
+            token_logprobs(*chunk)
+        logprobs.append(lp)
+        entropy.append(ent)
+    return torch.cat(logprobs).view(B, T), torch.cat(entropy).view(B, T)
+
+
+def token_logprobs(lm_head, hidden, targets, temperature, entropy_grad):
+    """hidden (N, H) -> log-prob of targets (N,) and entropy (N,) under softmax(lm_head(hidden) / T), in fp32."""
+    logits = lm_head(hidden).float()
+    logits = logits / temperature if temperature != 1.0 else logits
+    logz = logits.logsumexp(-1)  # no full log-softmax tensor is kept
+    logprobs = logits.gather(-1, targets[:, None]).squeeze(-1) - logz
+    with torch.set_grad_enabled(entropy_grad):
         entropy = logz - (torch.softmax(logits, -1) * logits).sum(-1)
     return logprobs, entropy
+
+
+def micro_batches(rows, num_generations, prompts_per_micro_batch, lens):
+    """Split completion rows (sorted; row i continues prompt i // G) into micro-batches of whole prompts:
+    [(prompt indices ps, prompt_index (b,) into ps, rows (b,), T)], each trimmed to its longest completion T."""
+    prompts = sorted({r // num_generations for r in rows})
+    out = []
+    for i in range(0, len(prompts), prompts_per_micro_batch):
+        ps = prompts[i:i + prompts_per_micro_batch]
+        r = torch.tensor([x for x in rows if x // num_generations in ps], device=lens.device)
+        prompt_index = torch.searchsorted(torch.tensor(ps, device=lens.device), r // num_generations)
+        out.append((ps, prompt_index, r, int(lens[r].max())))
+    return out
+
+
+@torch.no_grad()
+def frozen_logprobs(model, batches, prompt_ids, prompt_mask, completion_ids, temperature, autocast):
+    """(P*G, T) log-probs and entropies of the rows in `batches`, no grad (pi_old, pi_ref); other rows 0."""
+    logprobs, entropy = (torch.zeros(completion_ids.shape, device=completion_ids.device) for _ in range(2))
+    for ps, prompt_index, r, T in batches:
+        with autocast():
+            logprobs[r, :T], entropy[r, :T] = completion_logprobs(
+                model, prompt_ids[ps], prompt_mask[ps], completion_ids[r, :T], prompt_index, temperature)
+    return logprobs, entropy
+
+
+def log_step(metrics_file, record, fields=()):
+    """Append a record to metrics.jsonl; with fields [(key, label, format)], print them as one compact line."""
+    metrics_file.write(json.dumps(record) + "\n")
+    metrics_file.flush()
+    if not fields:
+        return
+    show = lambda key, fmt: "-" if record.get(key) is None else format(record[key], fmt)
+    tqdm.write(" | ".join([f"step {record['step']:4d}"] + [f"{label} {show(key, fmt)}" for key, label, fmt in fields]))
+
+
+def stop_if_not_finite(value, what, step, run_dir):
+    if not math.isfinite(value):
+        raise SystemExit(f"error: {what} is {value} at step {step}; stopping before the update "
+                         f"(the last saved model in {run_dir / 'model'} is untouched)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -192,10 +275,9 @@ def grpo_loss(logprobs, old_logprobs, advantages, mask, loss_type="dapo", eps_lo
     max_len = mask.shape[1] if max_len is None else max_len
     ratio = torch.exp(logprobs - old_logprobs)
     adv = advantages[:, None]
-    surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
-    per_token = -surrogate
+    per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
     kl = None
-    if beta != 0.0:
+    if ref_logprobs is not None:
         d = ref_logprobs - logprobs
         kl = torch.exp(d) - d - 1  # k3: pi_ref/pi - log(pi_ref/pi) - 1
         per_token = per_token + beta * kl
@@ -215,240 +297,150 @@ def grpo_loss(logprobs, old_logprobs, advantages, mask, loss_type="dapo", eps_lo
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Rewards, prompts, evaluation (plumbing)
+# Evaluation
 # ----------------------------------------------------------------------------------------------------------
-def math_reward(prompts, completions, records):
-    return [1.0 if common.grade(c, r["answer"]) else 0.0 for c, r in zip(completions, records)]
-
-
-def load_reward_fn(spec):
-    path, _, name = spec.rpartition(":")
-    if not path or not Path(path).is_file() or not name:
-        raise SystemExit(f"error: --reward-fn {spec}: expected path/to/file.py:function with an existing file")
-    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not callable(getattr(module, name, None)):
-        raise SystemExit(f"error: --reward-fn {spec}: {path} has no function '{name}'")
-    return getattr(module, name)
-
-
-def compute_rewards(reward_fn, prompts, completions, records):
-    """Call the reward function; if it raises, find and show the failing sample instead of swallowing it."""
-    try:
-        rewards = [float(r) for r in reward_fn(prompts, completions, records)]
-    except Exception as batch_error:
-        for p, c, r in zip(prompts, completions, records):
-            try:
-                reward_fn([p], [c], [r])
-            except Exception as e:
-                raise SystemExit(f"error: reward function raised {type(e).__name__}: {e}\n  on completion: {c!r}\n"
-                                 f"  answer: {r.get('answer')!r}\n  prompt (end): {p[-200:]!r}")
-        raise SystemExit(f"error: reward function raised {type(batch_error).__name__}: {batch_error}")
-    if len(rewards) != len(completions) or not all(math.isfinite(r) for r in rewards):
-        raise SystemExit(f"error: reward function must return {len(completions)} finite floats, got {rewards[:8]}...")
-    return rewards
-
-
-def tokenize_prompts(tokenizer, prompts, device):
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not tokenizer.chat_template)
-    return enc.input_ids.to(device), enc.attention_mask.to(device)
-
-
-def evaluate(model, tokenizer, prompts, records, args, eos_ids, autocast, generator):
-    """Greedy accuracy and sampled accuracy (one sample at the training temperature) on held-out problems."""
-    results = {}
+def evaluate(model, tokenizer, prompts, records, args, eos_ids, autocast, step, run_dir, metrics_file):
+    """Held-out greedy and sampled accuracy (one sample at T, the same draws at every eval), logged."""
+    t0, results, shown = time.perf_counter(), {}, {}
+    generator = torch.Generator(model.device).manual_seed(args.seed + 1)
     for name, temperature in (("accuracy", 0.0), ("sampled_accuracy", args.temperature)):
         correct, samples = 0, []
         for i in range(0, len(prompts), args.eval_batch_size):
-            ids, mask = tokenize_prompts(tokenizer, prompts[i:i + args.eval_batch_size], model.device)
+            ids, mask = common.tokenize_prompts(tokenizer, prompts[i:i + args.eval_batch_size], model.device)
             with autocast():
                 out, lens = generate(model, ids, mask, 1, args.max_new_tokens, temperature, eos_ids, generator)
-            texts = tokenizer.batch_decode([o[:n] for o, n in zip(out.tolist(), lens.tolist())], skip_special_tokens=True)
-            for text, rec in zip(texts, records[i:i + args.eval_batch_size]):
+            for text, rec in zip(common.decode(tokenizer, out, lens), records[i:i + args.eval_batch_size]):
                 ok = common.grade(text, rec["answer"])
                 correct += ok
-                samples.append({"question": rec["question"], "answer": rec["answer"], "completion": text, "correct": ok})
-        results[f"eval/{name}"] = correct / len(prompts)
-        results[f"samples/{name}"] = samples[:4]
+                samples.append({"question": rec["question"], "answer": rec["answer"], "completion": text,
+                                "correct": ok})
+        results[f"eval/{name}"], shown[name] = correct / len(prompts), samples[:4]
+    log_step(metrics_file, {"step": step, **results, "eval/time": round(time.perf_counter() - t0, 2)})
+    with open(run_dir / "samples.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "greedy": shown["accuracy"], "sampled": shown["sampled_accuracy"]}) + "\n")
+    tqdm.write(f"eval step {step}: greedy acc {results['eval/accuracy']:.1%}  sampled acc (T={args.temperature}) "
+               f"{results['eval/sampled_accuracy']:.1%}  ({len(prompts)} problems, {time.perf_counter() - t0:.0f}s)")
     return results
 
 
 def main(argv=None):
+    # ---- setup: arguments, precision, data, models, optimizer -------------------------------------------------
     args = parse_args(argv)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = common.resolve_device(args.device)
     weight_dtype, autocast_dtype = common.resolve_dtype(args.dtype, device)
-    autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
-    run_dir = Path(args.output_dir or f"runs/grpo__{args.seed}__{int(time.time())}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
-    (run_dir / "samples.jsonl").write_text("")  # a few eval completions, appended at every eval
-
-    # data and prompts
-    train, test = common.train_eval_records(args.dataset, args.eval_dataset, args.question_key, args.answer_key,
-                                            seed=args.seed, eval_size=args.eval_size)
+    autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    run_dir = common.make_run_dir(args, ALGO)
     tokenizer = common.load_tokenizer(args.model)
-    fewshot_k = common.default_fewshot(args.dataset) if args.fewshot is None else args.fewshot
-    fewshot, train = train[:fewshot_k], train[fewshot_k:]  # the examples are not also training problems
-    if not train:
-        raise SystemExit(f"error: dataset {args.dataset} has no training problems left after {fewshot_k} few-shot examples")
+    train, test, fewshot = common.load_problems(args)
     prompt_of = lambda rec: common.build_prompt(tokenizer, rec["question"], fewshot, args.system_prompt)
     test_prompts = [prompt_of(r) for r in test]
-    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else math_reward
-
-    # models: the policy, and a frozen reference only when the KL term is on
-    model = common.load_model(args.model, device, weight_dtype)
+    reward_fn = common.load_reward_fn(args.reward_fn)
+    model = common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing)
     model.eval()  # no dropout: pi_old and pi_theta must be the same function of the weights
-    ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta != 0.0 else None
-    gen_eos = model.generation_config.eos_token_id  # an int, a list, or None
-    eos_ids = sorted({tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])} - {None})
-    # fused AdamW: one kernel for all parameters (~8x faster than the per-tensor loop on CPU)
+    # the frozen start model: in the loss when beta > 0, for the logged KL with --log-kl
+    ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta or args.log_kl else None
+    eos_ids = common.stop_token_ids(tokenizer, model)
+    common.check_context_length(model, 0, args.max_new_tokens)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / max(1, args.warmup_steps)))
+    for param in model.parameters():  # zero (not None) grads: an update whose groups were all skipped (below)
+        param.grad = torch.zeros_like(param)  # still steps AdamW with a zero gradient, as the full batch would
     generator = torch.Generator(device).manual_seed(args.seed)
-    data_rng = random.Random(args.seed)
-    order = []
-
-    metrics_file = open(run_dir / "metrics.jsonl", "w")
-    def log(record):
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-
-    def run_eval(step):
-        t0 = time.perf_counter()
-        eval_generator = torch.Generator(device).manual_seed(args.seed + 1)  # the same draws at every eval
-        res = evaluate(model, tokenizer, test_prompts, test, args, eos_ids, autocast, eval_generator)
-        log({"step": step, "eval/accuracy": res["eval/accuracy"], "eval/sampled_accuracy": res["eval/sampled_accuracy"],
-             "eval/time": round(time.perf_counter() - t0, 2)})
-        with open(run_dir / "samples.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "greedy": res["samples/accuracy"], "sampled": res["samples/sampled_accuracy"]}) + "\n")
-        tqdm.write(f"eval step {step}: greedy acc {res['eval/accuracy']:.1%}  sampled acc (T={args.temperature}) "
-                   f"{res['eval/sampled_accuracy']:.1%}  ({len(test)} problems, {time.perf_counter() - t0:.0f}s)")
-        return res
-
-    print(f"grpo: {len(train)} train / {len(test)} eval problems, {fewshot_k}-shot, model {args.model} on {device} "
-          f"(weights {weight_dtype}, autocast {autocast_dtype}), output {run_dir}")
-    before = run_eval(0)
-    zero_std_streak, warned = 0, set()
-    bar = tqdm(range(1, args.steps + 1), desc="grpo", dynamic_ncols=True)
-    for step in bar:
+    data_rng, order = random.Random(args.seed), []
+    metrics_file, G = open(run_dir / "metrics.jsonl", "w"), args.num_generations
+    print(f"{ALGO}: {len(train)} train / {len(test)} eval problems, {len(fewshot)}-shot, model {args.model} on "
+          f"{device} (weights {weight_dtype}, autocast {autocast_dtype}), output {run_dir}")
+    before = evaluate(model, tokenizer, test_prompts, test, args, eos_ids, autocast, 0, run_dir, metrics_file)
+    zero_std_streak, warned_truncated = 0, False
+    for step in tqdm(range(1, args.steps + 1), desc=ALGO, dynamic_ncols=True):
         t_step = time.perf_counter()
         # ---- 1. sample G completions for each of P prompts ---------------------------------------------------
-        batch = []
-        for _ in range(args.prompts_per_step):
-            if not order:
-                order = list(range(len(train)))
-                data_rng.shuffle(order)
-            batch.append(train[order.pop()])
+        batch = common.next_batch(train, order, data_rng, args.prompts_per_step)
         prompts = [prompt_of(r) for r in batch]
-        prompt_ids, prompt_mask = tokenize_prompts(tokenizer, prompts, device)  # (P, Lp)
-        G = args.num_generations
+        prompt_ids, prompt_mask = common.tokenize_prompts(tokenizer, prompts, device)  # (P, Lp)
+        common.check_context_length(model, prompt_ids.shape[1], args.max_new_tokens)
         with autocast():
             completion_ids, lens = generate(model, prompt_ids, prompt_mask, G, args.max_new_tokens,
                                             args.temperature, eos_ids, generator)  # (P*G, T)
         mask = completion_mask_from_lens(lens, completion_ids.shape[1])  # (P*G, T)
-        truncated = ~torch.isin(completion_ids.gather(1, (lens - 1)[:, None]).squeeze(1), torch.tensor(eos_ids, device=device))
         gen_time = time.perf_counter() - t_step
-
         # ---- 2. rewards and group-normalized advantages -------------------------------------------------------
-        texts = tokenizer.batch_decode([c[:n] for c, n in zip(completion_ids.tolist(), lens.tolist())], skip_special_tokens=True)
-        rep = lambda xs: [x for x in xs for _ in range(G)]
-        rewards = torch.tensor(compute_rewards(reward_fn, rep(prompts), texts, rep(batch)), device=device)
+        rewards = torch.tensor(common.compute_rewards(reward_fn, [p for p in prompts for _ in range(G)],
+                                                      common.decode(tokenizer, completion_ids, lens),
+                                                      [r for r in batch for _ in range(G)]), device=device)  # (P*G,)
         advantages = group_advantages(rewards, G, scale_std=not args.no_std_scaling)  # (P*G,)
-        group_std = rewards.view(-1, G).std(1)
+        group_std = rewards.view(-1, G).std(1)  # (P,)
         # Groups with equal rewards have A = 0: with beta = 0 they add exactly zero gradient, so we skip their
         # forward/backward (the loss normalizers below still count them, so the update is unchanged).
-        trainable = [p for p in range(len(batch)) if args.beta != 0.0 or group_std[p] > 0]
+        rows = [i for i in range(len(lens)) if args.beta or group_std[i // G] > 0]
+        updates = [rows] * args.mu  # GRPO: mu passes over the whole generation batch (DeepSeekMath Alg. 1)
         norms = dict(num_seqs=len(lens), num_tokens=mask.sum(), max_len=args.max_new_tokens)
-
-        # ---- 3. mu optimizer updates on this batch -------------------------------------------------------------
+        # ---- 3. frozen log-probs: pi_old when there is more than one update, pi_ref for the KL ---------------
         t_train = time.perf_counter()
-        # micro-batches of whole prompt groups; each is trimmed to its own longest completion (no pad columns)
-        micro_batches = []
-        for i in range(0, len(trainable), args.micro_batch_prompts):
-            ps = trainable[i:i + args.micro_batch_prompts]
-            r = torch.cat([torch.arange(p * G, (p + 1) * G, device=device) for p in ps])  # completion rows
-            T = int(lens[r].max())
-            micro_batches.append((ps, r, completion_ids[r, :T], mask[r, :T]))
-
-        def logprobs_of(m, ps, ids, grad):
-            with torch.set_grad_enabled(grad), autocast():
-                return completion_logprobs(m, prompt_ids[ps], prompt_mask[ps], ids, G, args.temperature)
-
-        # pi_old is frozen across the mu updates (with mu = 1 it is the current policy: no extra forward);
-        # pi_ref is the start model (only with beta > 0)
-        old_logprobs = [logprobs_of(model, ps, ids, False)[0] for ps, _, ids, _ in micro_batches] if args.mu > 1 else None
-        ref_logprobs = [logprobs_of(ref_model, ps, ids, False)[0] for ps, _, ids, _ in micro_batches] if ref_model else None
-        stats = {"loss": 0.0, "clip_frac_sum": 0.0, "kl_sum": 0.0, "entropy_sum": 0.0, "tokens": 0.0}
-        for _ in range(args.mu):
-            optimizer.zero_grad(set_to_none=False)  # zero (not None) grads: an all-skipped batch still steps AdamW
-            for k, (ps, r, ids, mb_mask) in enumerate(micro_batches):
-                logprobs, entropy = logprobs_of(model, ps, ids, True)  # (b, T)
-                old = old_logprobs[k] if old_logprobs else logprobs.detach()
-                loss, s = grpo_loss(logprobs, old, advantages[r], mb_mask, args.loss_type, args.epsilon, args.epsilon_high,
-                                    args.beta, ref_logprobs[k] if ref_logprobs else None, **norms)
-                if not torch.isfinite(loss):
-                    raise SystemExit(f"error: loss is {loss.item()} at step {step}; stopping before the update "
-                                     f"(the last saved model in {run_dir / 'model'} is untouched)")
+        frozen = (prompt_ids, prompt_mask, completion_ids, args.temperature, autocast)
+        batches = micro_batches(rows, G, args.micro_batch_prompts, lens)
+        old_logprobs = frozen_logprobs(model, batches, *frozen)[0] if len(updates) > 1 else None
+        ref_logprobs = frozen_logprobs(ref_model, batches, *frozen)[0] if ref_model is not None else None
+        # ---- 4. optimizer updates ---------------------------------------------------------------------------
+        stats = dict.fromkeys(("loss", "clip_frac_sum", "kl_sum", "entropy_sum", "tokens", "grad_norm"), 0.0)
+        for k, update_rows in enumerate(updates):
+            optimizer.zero_grad(set_to_none=False)
+            for ps, prompt_index, r, T in micro_batches(update_rows, G, args.micro_batch_prompts, lens):
+                with autocast():
+                    logprobs, entropy = completion_logprobs(model, prompt_ids[ps], prompt_mask[ps],
+                                                            completion_ids[r, :T], prompt_index, args.temperature)
+                old = logprobs.detach() if k == 0 else old_logprobs[r, :T]  # before the first update pi_theta = pi_old
+                ref = ref_logprobs[r, :T] if ref_logprobs is not None else None
+                loss, s = grpo_loss(logprobs, old, advantages[r], mask[r, :T], args.loss_type, args.epsilon,
+                                    args.epsilon_high, args.beta, ref, **norms)
+                stop_if_not_finite(loss.item(), "the loss", step, run_dir)
                 loss.backward()  # accumulates: the sum over micro-batches is the full-batch gradient
-                stats["loss"] += loss.item() / args.mu
-                stats["clip_frac_sum"] += s["clip_frac_sum"]
-                stats["kl_sum"] += s["kl_sum"]
-                stats["entropy_sum"] += float((entropy * mb_mask).sum())
-                stats["tokens"] += float(mb_mask.sum())
+                s.update(loss=loss.item() / len(updates), entropy_sum=float((entropy.detach() * mask[r, :T]).sum()),
+                         tokens=float(mask[r, :T].sum()))
+                stats = {key: stats[key] + s.get(key, 0.0) for key in stats}
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm))
-            if not math.isfinite(grad_norm):
-                raise SystemExit(f"error: gradient norm is {grad_norm} at step {step}; stopping before the update")
+            stop_if_not_finite(grad_norm, "the gradient norm", step, run_dir)
+            stats["grad_norm"] += grad_norm / len(updates)
             optimizer.step()
             scheduler.step()
-        train_time = time.perf_counter() - t_train
-        step_time = time.perf_counter() - t_step
-
-        # ---- 4. log -------------------------------------------------------------------------------------------
-        n_tok = stats["tokens"] or float("nan")
-        frac_zero_std = float((group_std == 0).float().mean())
+        train_time, step_time = time.perf_counter() - t_train, time.perf_counter() - t_step
+        # ---- 5. log, evaluate, save ---------------------------------------------------------------------------
+        n_tok = stats["tokens"] or None
         record = {"step": step, "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
-                  "frac_zero_std": frac_zero_std, "truncated": float(truncated.float().mean()),
-                  "completion_len": float(lens.float().mean()),
-                  "entropy": stats["entropy_sum"] / n_tok if stats["tokens"] else None,
-                  "kl": stats["kl_sum"] / n_tok if args.beta and stats["tokens"] else None,
-                  "clip_frac": stats["clip_frac_sum"] / n_tok if stats["tokens"] else None,
-                  "loss": stats["loss"], "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+                  "frac_zero_std": float((group_std == 0).float().mean()),
+                  "truncated": float(truncated_rows(completion_ids, lens, eos_ids).float().mean()),
+                  "completion_len": float(lens.float().mean()), "samples_used": len(rows),
+                  "tokens_used": int(stats["tokens"]), "updates": len(updates),
+                  "entropy": stats["entropy_sum"] / n_tok if n_tok else None,
+                  "kl": stats["kl_sum"] / n_tok if n_tok and ref_model is not None else None,
+                  "clip_frac": stats["clip_frac_sum"] / n_tok if n_tok else None,
+                  "loss": stats["loss"], "grad_norm": stats["grad_norm"], "lr": scheduler.get_last_lr()[0],
                   "gen_time": round(gen_time, 3), "train_time": round(train_time, 3), "step_time": round(step_time, 3),
                   "tokens_per_s": round(float(lens.sum()) / step_time, 1)}
-        log(record)
-        bar.set_postfix(reward=f"{record['reward']:.2f}")
-        fmt = lambda v, f: "-" if v is None else format(v, f)
-        tqdm.write(f"step {step:4d} | reward {record['reward']:.3f} ±{record['reward_std']:.2f} | zero-std {frac_zero_std:.2f} "
-                   f"| len {record['completion_len']:.1f} trunc {record['truncated']:.2f} | H {fmt(record['entropy'], '.3f')} "
-                   f"| kl {fmt(record['kl'], '.4f')} | clip {fmt(record['clip_frac'], '.3f')} | gnorm {grad_norm:.3f} "
-                   f"| gen {gen_time:.1f}s train {train_time:.1f}s")
-        zero_std_streak = zero_std_streak + 1 if frac_zero_std == 1.0 else 0
-        if zero_std_streak >= 3 and "zero_std" not in warned:
-            warned.add("zero_std")
+        log_step(metrics_file, record, [("reward", "reward", ".3f"), ("frac_zero_std", "zero-std", ".2f"),
+                                        ("completion_len", "len", ".1f"), ("truncated", "trunc", ".2f"),
+                                        ("entropy", "H", ".3f"), ("kl", "kl", ".4f"), ("clip_frac", "clip", ".3f"),
+                                        ("grad_norm", "gnorm", ".3f"), ("gen_time", "gen s", ".1f"),
+                                        ("train_time", "train s", ".1f")])
+        zero_std_streak = zero_std_streak + 1 if record["frac_zero_std"] == 1.0 else 0
+        if zero_std_streak == 3:  # printed once per streak
             tqdm.write("warning: every group has had zero reward variance for 3 steps: no learning signal. The task is "
                        "too hard/easy for this model; try --fewshot, a higher --temperature or more --num-generations.")
-        if record["truncated"] > 0.5 and "truncated" not in warned:
-            warned.add("truncated")
+        if record["truncated"] > 0.5 and not warned_truncated:
+            warned_truncated = True
             tqdm.write(f"warning: {record['truncated']:.0%} of completions hit --max-new-tokens {args.max_new_tokens}; "
                        "truncated answers usually score 0: consider raising it.")
         if args.eval_every and step % args.eval_every == 0 and step != args.steps:
-            run_eval(step)
-            if not args.no_save:
-                common.save_pretrained_atomic(model, tokenizer, run_dir / "model")
-    bar.close()
+            evaluate(model, tokenizer, test_prompts, test, args, eos_ids, autocast, step, run_dir, metrics_file)
+            common.save_model(model, tokenizer, run_dir, args)
 
-    after = run_eval(args.steps)
-    if not args.no_save:
-        common.save_pretrained_atomic(model, tokenizer, run_dir / "model")
+    after = evaluate(model, tokenizer, test_prompts, test, args, eos_ids, autocast, args.steps, run_dir, metrics_file)
+    common.save_model(model, tokenizer, run_dir, args)
     metrics_file.close()
-    print(f"\n{'held-out (' + str(len(test)) + ' problems)':<28}{'before':>8}{'after':>8}")
-    print(f"{'greedy accuracy':<28}{before['eval/accuracy']:>8.1%}{after['eval/accuracy']:>8.1%}")
-    print(f"{'sampled accuracy (T=' + str(args.temperature) + ')':<28}{before['eval/sampled_accuracy']:>8.1%}"
-          f"{after['eval/sampled_accuracy']:>8.1%}")
-    print(f"metrics: {run_dir / 'metrics.jsonl'}" + ("" if args.no_save else f"   model: {run_dir / 'model'}"))
+    print(f"held-out greedy accuracy {before['eval/accuracy']:.1%} -> {after['eval/accuracy']:.1%}, sampled "
+          f"{before['eval/sampled_accuracy']:.1%} -> {after['eval/sampled_accuracy']:.1%}; metrics in {run_dir}")
     return before, after
 
 
