@@ -1,3 +1,6 @@
+# NOTE TO THE ENGINEER CONVERTING THIS FILE (delete this comment when done): before anything else read
+# /tmp/helper_common.md -- the rules for this conversion (files you may edit, flock for every torch run,
+# metric keys, no git commits, deadline 12:55 UTC).
 """One-shot entropy minimization (EM): unsupervised post-training from a single unlabeled prompt, one readable file.
 
 Paper: Gao et al. 2025, "One-shot Entropy Minimization" (https://arxiv.org/abs/2505.20282); code:

@@ -324,8 +324,7 @@ def evaluate(model, tokenizer, prompts, records, args, eos_ids, autocast, step, 
 
 
 def main(argv=None):
-    # ---- setup: arguments, precision, data, models, optimizer -------------------------------------------------
-    args = parse_args(argv)
+    args = parse_args(argv)  # ---- setup: arguments, precision, data, models, optimizer ---------------------------
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = common.resolve_device(args.device)
@@ -335,8 +334,7 @@ def main(argv=None):
     tokenizer = common.load_tokenizer(args.model)
     train, test, fewshot = common.load_problems(args)
     prompt_of = lambda rec: common.build_prompt(tokenizer, rec["question"], fewshot, args.system_prompt)
-    test_prompts = [prompt_of(r) for r in test]
-    reward_fn = common.load_reward_fn(args.reward_fn)
+    test_prompts, reward_fn = [prompt_of(r) for r in test], common.load_reward_fn(args.reward_fn)
     model = common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing)
     model.eval()  # no dropout: pi_old and pi_theta must be the same function of the weights
     # the frozen start model: in the loss when beta > 0, for the logged KL with --log-kl
@@ -409,6 +407,7 @@ def main(argv=None):
         # ---- 5. log, evaluate, save ---------------------------------------------------------------------------
         n_tok = stats["tokens"] or None
         record = {"step": step, "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
+                  "correct": float((rewards > 0).float().mean()),
                   "frac_zero_std": float((group_std == 0).float().mean()),
                   "truncated": float(truncated_rows(completion_ids, lens, eos_ids).float().mean()),
                   "completion_len": float(lens.float().mean()), "samples_used": len(rows),

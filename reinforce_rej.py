@@ -1,3 +1,6 @@
+# NOTE TO THE ENGINEER CONVERTING THIS FILE (delete this comment when done): before anything else read
+# /tmp/helper_common.md -- the rules for this conversion (files you may edit, flock for every torch run,
+# metric keys, no git commits, deadline 12:55 UTC).
 """Reinforce and Reinforce-Rej, one readable file.
 
 Paper: Xiong et al. 2025, "A Minimalist Approach to LLM Reasoning: from Rejection Sampling to Reinforce"

@@ -1,3 +1,6 @@
+# NOTE TO THE ENGINEER CONVERTING THIS FILE (delete this comment when done): before anything else read
+# /tmp/helper_common.md -- the rules for this conversion (files you may edit, flock for every torch run,
+# metric keys, no git commits, deadline 12:55 UTC).
 """ReST-EM: expectation-maximization self-training with a binary reward, one readable file.
 
 Paper: Singh et al. 2023, "Beyond Human Data: Scaling Self-Training for Problem-Solving with Language Models"

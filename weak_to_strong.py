@@ -16,12 +16,13 @@ Protocol (on a binary task with ground truth; here: "is this candidate final ans
 In Eq. 1, f_t(x) is the strong model's own prediction hardened at an adaptive threshold t: per batch of 32,
 t = quantile(p0, q = mean of the weak labels' class-1 probability), class 1 where p0 < t (so the hardened labels
 keep the weak labels' class balance). a ramps linearly from 0 to alpha_max over the first warmup_frac of training.
+The three strong runs start from the same weights and see the same batches of half B in the same order.
 
     python weak_to_strong.py                        # embedded SmolLM2-135M (strong) vs its first 6 layers (weak), CPU
     for s in 0 1; do python weak_to_strong.py --seed $s --output-dir runs/w2s_s$s; done    # several seeds
     python weak_to_strong.py --weak-model Qwen/Qwen2.5-0.5B --weak-layers 0 --strong-model Qwen/Qwen2.5-7B \
-        --lr 1e-5 --dataset my_problems.jsonl                                            # a GPU with network
-Saved models: OUTPUT_DIR/w2s_{xent,aux}.safetensors (trunk + head); load with `load_classifier(strong_model, path)`.
+        --lr 1e-5 --dataset my_problems.jsonl --gradient-checkpointing                   # a GPU with network
+Saved models: OUTPUT_DIR/model/w2s_{xent,aux}.safetensors (trunk + head); `load_classifier(strong_model, path)`.
 """
 import argparse
 import json
@@ -38,65 +39,92 @@ from tqdm import tqdm
 
 import common
 
-PHASES = ("weak", "ceiling", "w2s_xent", "w2s_aux")
+ALGO = "weak_to_strong"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     # models
-    p.add_argument("--strong-model", "--model", dest="model", default=common.DEFAULT_MODEL, help="strong model: hub id, local dir, .gguf, or 'smollm2' (embedded); --model is an alias")
-    p.add_argument("--weak-model", default=common.DEFAULT_MODEL, help="weak supervisor: hub id, local dir, .gguf, or 'smollm2'")
-    p.add_argument("--weak-layers", type=int, default=6, help="keep only the first N transformer layers of the weak model (0: all; default 6: see docs)")
-    # data (shared flags)
-    p.add_argument("--dataset", default="arith:add:3x1", help="'arith[:add|sub|mul[:DIGITS|AxB]]' (default: 3-digit + 1-digit), a .jsonl/.json/.parquet/.csv file, or a hub id (needs answers)")
-    p.add_argument("--eval-dataset", default=None, help="held-out problems (default: test split, else every 10th row of --dataset)")
+    p.add_argument("--strong-model", "--model", dest="model", default=common.DEFAULT_MODEL,
+                   help="strong model: hub id, local dir, .gguf file, or 'smollm2'; --model is an alias")
+    p.add_argument("--weak-model", default=common.DEFAULT_MODEL, help="weak supervisor: hub id, local dir, .gguf, ...")
+    p.add_argument("--weak-layers", type=int, default=6,
+                   help="keep only the first N transformer layers of the weak model (0: all; default 6: see docs)")
+    # data (shared flags: the same meaning in every script of the suite)
+    p.add_argument("--dataset", default="arith:add:3x1",
+                   help="'arith[:add|sub|mul[:DIGITS|AxB]]' (default 3-digit + 1-digit), a local file, or a hub id")
+    p.add_argument("--eval-dataset", default=None, help="held-out problems (default: test split, else every 10th row)")
     p.add_argument("--question-key", default=None, help="question column (default: auto-detected)")
     p.add_argument("--answer-key", default=None, help="answer column (default: auto-detected)")
-    p.add_argument("--wrong-answers", default="other", choices=["other", "near"], help="wrong candidates: another problem's answer, or the correct one +- 1..9")
-    p.add_argument("--n-train", type=int, default=2048, help="training problems, split 50/50 into half A (weak) and half B (strong)")
-    p.add_argument("--max-length", type=int, default=64, help="longer examples are dropped, not truncated (as the paper's code does)")
-    p.add_argument("--fewshot", type=int, default=None, help="unused here (a classifier sees no examples); accepted like in every script")
-    p.add_argument("--system-prompt", default=None, help="unused here (no chat prompt); accepted like in every script")
-    p.add_argument("--seed", type=int, default=0, help="seed for the split, candidate answers, data order")
+    p.add_argument("--wrong-answers", default="other", choices=["other", "near"],
+                   help="wrong candidates: another problem's answer, or the correct one +- 1..9")
+    p.add_argument("--n-train", type=int, default=2048, help="training problems, split 50/50 into halves A and B")
+    p.add_argument("--max-length", type=int, default=64, help="longer examples are dropped, not truncated")
+    p.add_argument("--fewshot", type=int, default=None, help="unused here (a classifier sees no examples)")
+    p.add_argument("--system-prompt", default=None, help="unused here (no chat prompt)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the split, candidate answers and data order")
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on GPU; fp32 weights + bf16 autocast on CPU")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "pure-bfloat16"],
+                   help="auto/bfloat16: fp32 master weights + bf16 autocast; pure-bfloat16: bf16 weights (warns)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute decoder layers in the backward")
     # optimization (the paper code's defaults: batch 32, 2 epochs, Adam, cosine annealing, no warm-up)
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (paper code: 5e-5 GPT-2 sizes, 1e-5 larger; 1e-4 here: only 64 steps)")
-    p.add_argument("--weak-lr", type=float, default=5e-5, help="Adam learning rate of the weak model (paper code's for GPT-2 sizes; see docs)")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of the strong runs (see docs)")
+    p.add_argument("--weak-lr", type=float, default=5e-5, help="Adam learning rate of the weak model (see docs)")
     p.add_argument("--epochs", type=int, default=2, help="epochs over a half per training run (paper code: 2)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per training run (default: epochs x half / batch)")
-    p.add_argument("--batch-size", type=int, default=32, help="examples per optimizer step; the aux loss and its threshold use the whole batch")
-    p.add_argument("--prompts-per-step", type=int, default=None, help="alias of --batch-size (examples per optimizer step)")
-    p.add_argument("--num-generations", type=int, default=None, help="unused here (nothing is sampled); accepted like in every script")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="unused here (nothing is generated); accepted like in every script")
-    p.add_argument("--temperature", type=float, default=None, help="unused here (nothing is sampled); accepted like in every script")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: epochs x half / batch)")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per optimizer step (and per aux threshold)")
+    p.add_argument("--prompts-per-step", type=int, default=None, help="alias of --batch-size")
+    p.add_argument("--num-generations", type=int, default=None, help="unused here (nothing is sampled)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="unused here (nothing is generated)")
+    p.add_argument("--temperature", type=float, default=None, help="unused here (nothing is sampled)")
     # auxiliary confidence loss
-    p.add_argument("--alpha-max", type=float, default=0.5, help="final aux weight alpha (paper: 0.5; 0.75 for the largest students)")
-    p.add_argument("--warmup-frac", type=float, default=0.2, help="alpha ramps linearly from 0 over this fraction of training (paper: 0.2)")
-    p.add_argument("--alpha-schedule", default="linear", choices=["linear", "released"], help="linear ramp, or the released code's (alpha = alpha_max*s, then a jump)")
-    # evaluation / logging
-    p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps of each run (0: only at the end of each run)")
-    p.add_argument("--eval-size", type=int, default=400, help="held-out test problems")
-    p.add_argument("--eval-batch-size", type=int, default=128, help="examples per forward during evaluation and labelling")
-    p.add_argument("--output-dir", default=None, help="default: runs/weak_to_strong__<seed>__<time>")
-    p.add_argument("--no-save", action="store_true", help="do not write the final weak-to-strong models")
+    p.add_argument("--alpha-max", type=float, default=0.5, help="final aux weight (paper: 0.5; 0.75 largest students)")
+    p.add_argument("--warmup-frac", type=float, default=0.2, help="alpha ramps from 0 over this fraction of training")
+    p.add_argument("--alpha-schedule", default="linear", choices=["linear", "released"],
+                   help="linear ramp, or the released code's (alpha = alpha_max * s, then a jump)")
+    # evaluation / logging / saving
+    p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: at the end of each run)")
+    p.add_argument("--eval-size", type=int, default=400, help="held-out problems (test examples)")
+    p.add_argument("--eval-batch-size", type=int, default=128, help="examples per forward in evaluation and labelling")
+    p.add_argument("--output-dir", default=None, help="default: runs/<algo>__<seed>__<time>")
+    p.add_argument("--no-save", action="store_true", help="do not write the final model")
+    p.add_argument("--save-dtype", default=None, choices=["float32", "bfloat16"], help="saved weights (default: fp32)")
     args = p.parse_args(argv)
+    common.check_args(p, args, at_least_one=("n_train", "max_length", "epochs", "steps", "batch_size",
+                                             "prompts_per_step", "num_generations", "max_new_tokens", "eval_size",
+                                             "eval_batch_size"),
+                      positive=("lr", "weak_lr", "warmup_frac", "temperature"),
+                      non_negative=("weak_layers", "fewshot", "alpha_max", "eval_every"))
+    if args.warmup_frac > 1 or args.alpha_max > 1:
+        p.error(f"--warmup-frac and --alpha-max must be <= 1 (got {args.warmup_frac}, {args.alpha_max})")
     if args.prompts_per_step is not None:
         args.batch_size = args.prompts_per_step
-    for flag in ("n_train", "batch_size", "epochs", "eval_size", "max_length", "eval_batch_size"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.steps is not None and args.steps < 1:
-        p.error("--steps must be >= 1")
-    if args.lr <= 0 or args.weak_lr <= 0:
-        p.error("--lr and --weak-lr must be > 0")
-    if not 0 < args.warmup_frac <= 1 or not 0 <= args.alpha_max <= 1:
-        p.error("need 0 < --warmup-frac <= 1 and 0 <= --alpha-max <= 1")
     return args
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The classifier: a causal LM trunk + a zero-initialised linear head on the last non-pad token (model.py)
+# Plumbing shared by every script, copied byte for byte (tests/test_consistency.py checks): logging
+# ----------------------------------------------------------------------------------------------------------
+def log_step(metrics_file, record, fields=()):
+    """Append a record to metrics.jsonl; with fields [(key, label, format)], print them as one compact line."""
+    metrics_file.write(json.dumps(record) + "\n")
+    metrics_file.flush()
+    if not fields:
+        return
+    show = lambda key, fmt: "-" if record.get(key) is None else format(record[key], fmt)
+    tqdm.write(" | ".join([f"step {record['step']:4d}"] + [f"{label} {show(key, fmt)}" for key, label, fmt in fields]))
+
+
+def stop_if_not_finite(value, what, step, run_dir):
+    if not math.isfinite(value):
+        raise SystemExit(f"error: {what} is {value} at step {step}; stopping before the update "
+                         f"(the last saved model in {run_dir / 'model'} is untouched)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weak-to-strong (algorithm logic). The classifier: a causal LM trunk + a zero-initialised linear head on the
+# last non-pad token (model.py)
 # ----------------------------------------------------------------------------------------------------------
 class TransformerWithHead(torch.nn.Module):
     def __init__(self, lm, num_layers=0):
@@ -104,19 +132,25 @@ class TransformerWithHead(torch.nn.Module):
         self.trunk = lm.base_model  # e.g. LlamaModel: embeddings + decoder layers + final norm, no LM head
         if num_layers:  # the weak model: only the first `num_layers` blocks (the final norm is kept)
             if num_layers > len(self.trunk.layers):
-                raise SystemExit(f"error: --weak-layers {num_layers}: the model has only {len(self.trunk.layers)} layers")
+                raise SystemExit(f"error: --weak-layers {num_layers}: the model has only {len(self.trunk.layers)} "
+                                 "layers")
             self.trunk.layers = self.trunk.layers[:num_layers]
             self.trunk.config.num_hidden_layers = num_layers
             if getattr(self.trunk.config, "layer_types", None):
                 self.trunk.config.layer_types = self.trunk.config.layer_types[:num_layers]
-        self.head = torch.nn.Linear(self.trunk.config.hidden_size, 2, bias=False)
+        # on the trunk's device, in fp32 whatever the trunk's dtype (fp32 master weights; 2 x H parameters)
+        device = next(self.trunk.parameters()).device
+        self.head = torch.nn.Linear(self.trunk.config.hidden_size, 2, bias=False, device=device, dtype=torch.float32)
         torch.nn.init.zeros_(self.head.weight)  # p = (0.5, 0.5) for every input at the start
 
     def forward(self, input_ids, attention_mask):
         """input_ids/attention_mask (B, L), left or right padded -> logits (B, 2) in float32."""
         positions = (attention_mask.cumsum(1) - 1).clamp(min=0)  # real tokens get 0..n-1 whatever the padding side
-        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state
-        return self.head(last_token_state(hidden, attention_mask).float())  # the head runs in fp32
+        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                            use_cache=False).last_hidden_state  # (B, L, H)
+        pooled = last_token_state(hidden, attention_mask).float()  # (B, H)
+        with torch.autocast(pooled.device.type, enabled=False):  # the head runs in fp32, also under autocast
+            return self.head(pooled)
 
 
 def last_token_state(hidden, attention_mask):
@@ -127,23 +161,25 @@ def last_token_state(hidden, attention_mask):
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
-def save_classifier(model, path):
-    """Trunk + head weights as one safetensors file, written beside `path` and renamed into place (atomic)."""
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
+def save_classifier(model, path, dtype=None):
+    """Trunk + head weights (as trained, or cast to dtype) as one safetensors file, written beside `path` and
+    renamed into place (atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp))
     os.replace(tmp, path)
 
 
 def load_classifier(model_name, path, device="cpu"):
     """Rebuild a saved weak-to-strong classifier: the same --strong-model, then the saved trunk + head."""
-    model = TransformerWithHead(common.load_model(model_name, torch.device(device)))
+    model = TransformerWithHead(common.load_model(model_name, torch.device(device)))  # the head follows the trunk
     model.load_state_dict(load_file(str(path), device=str(device)))
     return model.eval()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Losses (loss.py): soft cross-entropy, and the auxiliary confidence loss with its alpha schedule
-# ----------------------------------------------------------------------------------------------------------
+# ---- losses (loss.py): soft cross-entropy, and the auxiliary confidence loss with its alpha schedule ---------
 def soft_ce(logits, target):
     """Mean over the batch of -sum_c target_c log softmax(logits)_c. logits, target: (B, 2)."""
     return -(target * F.log_softmax(logits.float(), -1)).sum(-1).mean()
@@ -180,9 +216,7 @@ def pgr(acc_weak, acc_ceiling, acc_w2s):
     return (acc_w2s - acc_weak) / gap if gap > 0 else float("nan")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The task: "is this candidate final answer correct?" (an outcome-reward-model task) built from problems
-# ----------------------------------------------------------------------------------------------------------
+# ---- the task: "is this candidate final answer correct?" (an outcome-reward-model task) built from problems -----
 def make_examples(records, rng, wrong="other"):
     """Each problem once, with its correct answer (label 1) or, 50/50, a wrong one (label 0): another problem's
     different answer (wrong="other"), or the correct number plus a nonzero offset in [-9, 9] (wrong="near": the
@@ -205,125 +239,124 @@ def make_examples(records, rng, wrong="other"):
     return examples
 
 
-def tokenize(tokenizer, texts, device):
+def tokenize_texts(tokenizer, texts, device):
+    """(N, L) padded ids and attention mask of plain texts, with the tokenizer's own special tokens (e.g. BOS)."""
     enc = tokenizer(texts, return_tensors="pt", padding=True)
     return enc.input_ids.to(device), enc.attention_mask.to(device)
 
 
 @torch.no_grad()
-def predict(model, tokenizer, texts, args, autocast, device):
-    """Class probabilities (N, 2) in float32."""
+def predict_probs(model, tokenizer, texts, batch_size, autocast, device):
+    """Class probabilities (N, 2) in float32, `batch_size` texts per forward."""
     out = []
-    for i in range(0, len(texts), args.eval_batch_size):
+    for i in range(0, len(texts), batch_size):
         with autocast():
-            out.append(torch.softmax(model(*tokenize(tokenizer, texts[i:i + args.eval_batch_size], device)), -1))
+            out.append(torch.softmax(model(*tokenize_texts(tokenizer, texts[i:i + batch_size], device)), -1))
     return torch.cat(out).float()
 
 
-def accuracy(probs, labels):
-    return float((probs.argmax(-1) == labels).float().mean())
+def classifier_accuracy(probs, labels):
+    """Fraction of rows whose argmax class (N, 2) equals the label (N,)."""
+    return float((probs.argmax(-1).cpu() == labels.cpu()).float().mean())
 
 
-# ----------------------------------------------------------------------------------------------------------
-# One training run (train.py): Adam, cosine annealing over nsteps, loss over the whole batch
-# ----------------------------------------------------------------------------------------------------------
-def train_run(phase, model, tokenizer, texts, targets, gt, test, args, lr, ctx):
-    """Fine-tune `model` on texts with soft targets (N, 2): ground truth one-hot, or weak soft labels. The loss is
-    logconf for phase w2s_aux, soft cross-entropy otherwise. gt (N,) only feeds the train/acc_gt diagnostic."""
-    autocast, device, log, run_dir = ctx["autocast"], ctx["device"], ctx["log"], ctx["run_dir"]
-    n = len(texts)
+def train_run(phase, model, tokenizer, texts, targets, labels, test, args, lr, autocast, run_dir, metrics_file):
+    """One training run (train.py): fine-tune `model` on texts (N) with soft targets (N, 2) (ground truth one-hot,
+    or weak soft labels); Adam, cosine annealing over nsteps, one loss over the whole batch. The loss is logconf in
+    phase w2s_aux, soft cross-entropy otherwise; labels (N,) (ground truth) only feed the train/acc_gt diagnostic.
+    Batches: common.next_batch with a fresh random.Random(--seed) in every run, so the three strong runs (same
+    half B) see the same batches in the same order. -> (test accuracy, test probabilities (N_test, 2))."""
+    device, n = next(model.parameters()).device, len(texts)
     nsteps = args.steps or max(1, args.epochs * n // args.batch_size)
     model.eval()  # dropout off, as in the paper's code (train.py calls model.eval() during training)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=nsteps)
-    gen = torch.Generator().manual_seed(args.seed * 1000 + PHASES.index(phase))
-    order = []
-    bar = tqdm(range(nsteps), desc=phase, dynamic_ncols=True)
-    for step in bar:
-        t0 = time.perf_counter()
-        if len(order) < args.batch_size:  # a new epoch: reshuffle (the last partial batch of an epoch is dropped)
-            order = torch.randperm(n, generator=gen).tolist()
-        idx, order = order[:args.batch_size], order[args.batch_size:]
-        ids, mask = tokenize(tokenizer, [texts[i] for i in idx], device)  # (B, L)
-        target = targets[idx].to(device)  # (B, 2)
+    data_rng, order = random.Random(args.seed), []
+    for step in tqdm(range(1, nsteps + 1), desc=phase, dynamic_ncols=True):
+        t_step = time.perf_counter()
+        # ---- 1. the batch: B examples without replacement, reshuffled at each pass over the half -------------
+        rows = common.next_batch(range(n), order, data_rng, args.batch_size)  # (B,) example indices
+        ids, mask = tokenize_texts(tokenizer, [texts[i] for i in rows], device)  # (B, L)
+        target = targets[rows].to(device)  # (B, 2)
+        # ---- 2. the loss over the whole batch (the aux threshold is a statistic of all B examples) -----------
         with autocast():
-            logits = model(ids, mask)  # (B, 2) fp32: the loss below sees the whole batch at once
+            logits = model(ids, mask)  # (B, 2) fp32
         alpha = None
         if phase == "w2s_aux":
-            alpha = aux_alpha(step / nsteps, args.alpha_max, args.warmup_frac, args.alpha_schedule)
+            alpha = aux_alpha((step - 1) / nsteps, args.alpha_max, args.warmup_frac, args.alpha_schedule)
             loss = logconf_loss(logits, target, alpha)
         else:
             loss = soft_ce(logits, target)
-        if not torch.isfinite(loss):
-            raise SystemExit(f"error: {phase} loss is {loss.item()} at step {step + 1}; stopping (nothing of this run is saved)")
+        stop_if_not_finite(loss.item(), f"the {phase} loss", step, run_dir)
+        # ---- 3. the update --------------------------------------------------------------------------------------
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))  # measured, not clipped
+        stop_if_not_finite(grad_norm, f"the {phase} gradient norm", step, run_dir)
         lr_used = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
-        with torch.no_grad():
-            pred = logits.argmax(-1).cpu()
-            record = {"phase": phase, "step": step + 1, "loss": loss.item(), "alpha": alpha, "lr": lr_used,
-                      "grad_norm": grad_norm, "train/acc_gt": float((pred == gt[idx]).float().mean()),
-                      "train/agree_target": float((pred == targets[idx].argmax(-1)).float().mean()),
-                      "train/p1_mean": float(torch.softmax(logits, -1)[:, 1].mean()), "step_time": round(time.perf_counter() - t0, 3)}
-        log(record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}")
-        tqdm.write(f"{phase:>8} step {step + 1:3d}/{nsteps} | loss {record['loss']:.4f} | alpha {'-' if alpha is None else f'{alpha:.3f}'} "
-                   f"| acc(gt) {record['train/acc_gt']:.2f} agree(target) {record['train/agree_target']:.2f} "
-                   f"| p1 {record['train/p1_mean']:.2f} | gnorm {grad_norm:.2f} | lr {record['lr']:.2e} | {record['step_time']:.1f}s")
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 != nsteps:
-            evaluate(phase, step + 1, model, tokenizer, test, args, ctx)
-    bar.close()
-    return evaluate(phase, nsteps, model, tokenizer, test, args, ctx)
+        # ---- 4. log, evaluate -------------------------------------------------------------------------------------
+        pred = logits.detach().argmax(-1).cpu()  # (B,)
+        record = {"phase": phase, "step": step, "loss": loss.item(), "alpha": alpha, "lr": lr_used,
+                  "grad_norm": grad_norm, "train/acc_gt": float((pred == labels[rows]).float().mean()),
+                  "train/agree_target": float((pred == targets[rows].argmax(-1)).float().mean()),
+                  "train/p1_mean": float(torch.softmax(logits.detach(), -1)[:, 1].mean()),
+                  "step_time": round(time.perf_counter() - t_step, 3)}
+        log_step(metrics_file, record, [("phase", "phase", "s"), ("loss", "loss", ".4f"), ("alpha", "alpha", ".3f"),
+                                        ("train/acc_gt", "acc(gt)", ".2f"), ("train/agree_target", "agree", ".2f"),
+                                        ("train/p1_mean", "p1", ".2f"), ("grad_norm", "gnorm", ".2f"),
+                                        ("lr", "lr", ".2e"), ("step_time", "s", ".1f")])
+        if args.eval_every and step % args.eval_every == 0 and step != nsteps:
+            evaluate(model, tokenizer, test, args, autocast, phase, step, run_dir, metrics_file)
+    return evaluate(model, tokenizer, test, args, autocast, phase, nsteps, run_dir, metrics_file)
 
 
-def evaluate(phase, step, model, tokenizer, test, args, ctx):
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------------
+def evaluate(model, tokenizer, test, args, autocast, phase, step, run_dir, metrics_file):
+    """Held-out test accuracy (argmax class vs ground truth), logged; with test["weak_probs"], also the agreement
+    with the weak supervisor's test predictions. -> (accuracy, test probabilities (N_test, 2))."""
     t0 = time.perf_counter()
-    probs = predict(model, tokenizer, test["texts"], args, ctx["autocast"], ctx["device"])
-    record = {"phase": phase, "step": step, "eval/accuracy": accuracy(probs, test["labels"])}
+    probs = predict_probs(model, tokenizer, test["texts"], args.eval_batch_size, autocast,
+                          next(model.parameters()).device)
+    record = {"phase": phase, "step": step, "eval/accuracy": classifier_accuracy(probs, test["labels"])}
     if "weak_probs" in test:  # how often the strong model agrees with its weak supervisor on the test set
-        record["eval/agreement_weak"] = float((probs.argmax(-1) == test["weak_probs"].argmax(-1)).float().mean())
+        record["eval/agreement_weak"] = classifier_accuracy(probs, test["weak_probs"].argmax(-1))
     record["eval/time"] = round(time.perf_counter() - t0, 2)
-    ctx["log"](record)
+    log_step(metrics_file, record)
+    shown = [{"text": t, "label": int(y), "p_correct": round(float(p[1]), 4)}
+             for t, y, p in zip(test["texts"][:4], test["labels"][:4], probs[:4])]
+    with open(run_dir / "samples.jsonl", "a") as f:
+        f.write(json.dumps({"phase": phase, "step": step, "examples": shown}) + "\n")
     tqdm.write(f"eval {phase} step {step}: accuracy {record['eval/accuracy']:.1%}"
                + (f"  agreement with weak {record['eval/agreement_weak']:.1%}" if "weak_probs" in test else "")
-               + f"  ({len(test['texts'])} test examples)")
+               + f"  ({len(test['texts'])} test examples, {record['eval/time']:.0f}s)")
     return record["eval/accuracy"], probs
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The experiment
-# ----------------------------------------------------------------------------------------------------------
 def main(argv=None):
+    # ---- setup: arguments, precision, run directory ------------------------------------------------------------
     args = parse_args(argv)
     for flag in ("fewshot", "system_prompt", "num_generations", "max_new_tokens", "temperature"):
         if getattr(args, flag) is not None:
-            print(f"note: --{flag.replace('_', '-')} has no effect in weak_to_strong.py (a classifier; nothing is generated)")
+            print(f"note: --{flag.replace('_', '-')} has no effect in {ALGO}.py (a classifier; nothing is generated)")
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = common.resolve_device(args.device)
     weight_dtype, autocast_dtype = common.resolve_dtype(args.dtype, device)
-    autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
-    run_dir = Path(args.output_dir or f"runs/weak_to_strong__{args.seed}__{int(time.time())}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
+    autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    run_dir = common.make_run_dir(args, ALGO)
     metrics_file = open(run_dir / "metrics.jsonl", "w")
-
-    def log(record):
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-
-    ctx = {"autocast": autocast, "device": device, "log": log, "run_dir": run_dir}
     t_start = time.perf_counter()
 
     # ---- data: problems -> (text, label) examples; halves A and B; a held-out test split ----------------------
-    train, test_records = common.train_eval_records(args.dataset, args.eval_dataset, args.question_key, args.answer_key,
-                                                    seed=args.seed, eval_size=args.eval_size)
+    train, test_records = common.train_eval_records(args.dataset, args.eval_dataset, args.question_key,
+                                                    args.answer_key, seed=args.seed, eval_size=args.eval_size)
     rng = random.Random(args.seed)
     train = make_examples(train[:args.n_train], rng, args.wrong_answers)
-    test = make_examples(test_records, random.Random(1234), args.wrong_answers)  # the same test examples whatever --seed
+    test = make_examples(test_records, random.Random(1234), args.wrong_answers)  # the same examples for every seed
     weak_tok, strong_tok = common.load_tokenizer(args.weak_model), common.load_tokenizer(args.model)
     too_long = lambda e: max(len(t(e["text"]).input_ids) for t in (weak_tok, strong_tok)) > args.max_length
     train, test = [e for e in train if not too_long(e)], [e for e in test if not too_long(e)]
@@ -332,42 +365,48 @@ def main(argv=None):
     if len(half_a) < args.batch_size or not test:
         raise SystemExit(f"error: {len(train)} training / {len(test)} test examples of <= {args.max_length} tokens: "
                          f"need 2 x --batch-size ({args.batch_size}) and a test set; raise --n-train or --max-length")
-    labels = lambda ex: torch.tensor([e["label"] for e in ex])
-    one_hot = lambda ex: F.one_hot(labels(ex), 2).float()
+    labels = lambda examples: torch.tensor([e["label"] for e in examples])  # (N,)
+    one_hot = lambda examples: F.one_hot(labels(examples), 2).float()  # (N, 2)
     test = {"texts": [e["text"] for e in test], "labels": labels(test)}
-    gt_b = labels(half_b)
-    print(f"weak_to_strong: half A {len(half_a)} / half B {len(half_b)} / test {len(test['texts'])} examples "
-          f"({float(gt_b.float().mean()):.0%} correct candidates in B), e.g. {half_b[0]['text']!r} -> {half_b[0]['label']}\n"
-          f"strong {args.model} | weak {args.weak_model} (first {args.weak_layers or 'all'} layers) | {device} "
+    texts_a, texts_b, labels_b = [e["text"] for e in half_a], [e["text"] for e in half_b], labels(half_b)
+    print(f"{ALGO}: half A {len(half_a)} / half B {len(half_b)} / test {len(test['texts'])} examples "
+          f"({float(labels_b.float().mean()):.0%} correct candidates in B), e.g. {texts_b[0]!r} -> {int(labels_b[0])}"
+          f"\nstrong {args.model} | weak {args.weak_model} (first {args.weak_layers or 'all'} layers) | {device} "
           f"(weights {weight_dtype}, autocast {autocast_dtype}) | output {run_dir}")
 
     # ---- 1. the weak supervisor: ground truth of half A ---------------------------------------------------------
-    weak = TransformerWithHead(common.load_model(args.weak_model, device, weight_dtype), args.weak_layers)
-    acc_weak, test["weak_probs"] = train_run("weak", weak, weak_tok, [e["text"] for e in half_a], one_hot(half_a),
-                                             labels(half_a), test, args, args.weak_lr, ctx)
+    weak = TransformerWithHead(common.load_model(args.weak_model, device, weight_dtype, args.gradient_checkpointing),
+                               args.weak_layers)
+    acc_weak, test["weak_probs"] = train_run("weak", weak, weak_tok, texts_a, one_hot(half_a), labels(half_a), test,
+                                             args, args.weak_lr, autocast, run_dir, metrics_file)
     # ---- 2. weak labels on half B: soft probabilities, not hardened ---------------------------------------------
-    weak_labels = predict(weak, weak_tok, [e["text"] for e in half_b], args, autocast, device).cpu()  # (N_B, 2)
-    label_acc = accuracy(weak_labels, gt_b)
-    log({"phase": "weak_labels", "step": 0, "weak_label/accuracy": label_acc,
-         "weak_label/p1_mean": float(weak_labels[:, 1].mean()), "weak_label/confidence": float(weak_labels.max(-1).values.mean())})
+    weak_labels = predict_probs(weak, weak_tok, texts_b, args.eval_batch_size, autocast, device).cpu()  # (N_B, 2)
+    label_acc = classifier_accuracy(weak_labels, labels_b)
+    log_step(metrics_file, {"phase": "weak_labels", "step": 0, "weak_label/accuracy": label_acc,
+                            "weak_label/p1_mean": float(weak_labels[:, 1].mean()),
+                            "weak_label/confidence": float(weak_labels.max(-1).values.mean())})
     print(f"weak labels on half B: accuracy {label_acc:.1%}, mean p(correct) {float(weak_labels[:, 1].mean()):.2f}")
     del weak
 
-    # ---- 3. strong runs from the same start: ceiling (ground truth of B), w2s xent, w2s aux (weak labels of B) ------
-    texts_b, results = [e["text"] for e in half_b], {"weak": acc_weak}
+    # ---- 3. strong runs from the same start and in the same data order: ceiling (ground truth of B), -------------
+    #         w2s xent and w2s aux (weak labels of B)
+    results = {"weak": acc_weak}
     for phase, targets in (("ceiling", one_hot(half_b)), ("w2s_xent", weak_labels), ("w2s_aux", weak_labels)):
         torch.manual_seed(args.seed)
-        strong = TransformerWithHead(common.load_model(args.model, device, weight_dtype))
-        results[phase], _ = train_run(phase, strong, strong_tok, texts_b, targets, gt_b, test, args, args.lr, ctx)
+        strong = TransformerWithHead(common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing))
+        results[phase], _ = train_run(phase, strong, strong_tok, texts_b, targets, labels_b, test, args, args.lr,
+                                      autocast, run_dir, metrics_file)
         if phase != "ceiling" and not args.no_save:
-            save_classifier(strong, run_dir / f"{phase}.safetensors")
+            save_classifier(strong, run_dir / "model" / f"{phase}.safetensors",
+                            getattr(torch, args.save_dtype) if args.save_dtype else None)
         del strong
 
     # ---- 4. the table ------------------------------------------------------------------------------------------
     results["pgr_xent"] = pgr(results["weak"], results["ceiling"], results["w2s_xent"])
     results["pgr_aux"] = pgr(results["weak"], results["ceiling"], results["w2s_aux"])
     results["wall_time"] = round(time.perf_counter() - t_start, 1)
-    log({"phase": "summary", "step": 0, **{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in results.items()}})
+    nan_to_none = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in results.items()}
+    log_step(metrics_file, {"phase": "summary", "step": 0, **nan_to_none})
     metrics_file.close()
     fmt_pgr = lambda v: "n/a (ceiling <= weak)" if math.isnan(v) else f"{v:.2f}"
     print(f"\n{'test accuracy (' + str(len(test['texts'])) + ' examples)':<34}{'':>8}PGR")
@@ -378,7 +417,7 @@ def main(argv=None):
     if math.isnan(results["pgr_xent"]):
         print("note: the strong ceiling does not beat the weak model, so PGR is undefined: pick a weaker weak model")
     print(f"metrics: {run_dir / 'metrics.jsonl'}  wall time {results['wall_time']:.0f}s"
-          + ("" if args.no_save else f"   models: {run_dir}/w2s_xent.safetensors, w2s_aux.safetensors"))
+          + ("" if args.no_save else f"   models: {run_dir / 'model'}/w2s_xent.safetensors, w2s_aux.safetensors"))
     return results
 
 
@@ -386,4 +425,4 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:
-        raise SystemExit("interrupted: saved models (if any) are complete; nothing half-written was kept")
+        raise SystemExit("interrupted: the last saved model (if any) is intact; nothing half-written was kept")

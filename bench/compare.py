@@ -80,8 +80,7 @@ def report(out_root, names, seeds):
                 rows.append(f"| {name} | {seed} | - | - | - | - | - | - | {wall} |")
                 continue
             first, last = evals[0], evals[-1]
-            # training correctness: fraction of the step's samples graded correct (GRPO/EM log it as `reward`)
-            correct = [r.get("correct", r["reward"]) for r in steps]
+            correct = [r.get("correct") for r in steps]  # fraction of the step's samples graded correct
             tail = [c for c in correct[-5:] if c is not None]
             kls = [r["kl"] for r in steps if r.get("kl") is not None]
             rows.append(f"| {name} | {seed} | {pct(first['eval/accuracy'])} | {pct(last['eval/accuracy'])} | "
@@ -91,7 +90,7 @@ def report(out_root, names, seeds):
                              last.get("eval/sampled_accuracy")))
             if RUNS[name][0] in BUDGET_MATCHED:  # same x axis (sampling steps of equal budget): plot these
                 curves[(name, seed)] = {"step": [r["step"] for r in steps], "correct": correct,
-                                        "entropy": [r.get("entropy_sampled", r.get("entropy")) for r in steps],
+                                        "entropy": [r.get("entropy") for r in steps],
                                         "kl": [r.get("kl") for r in steps],
                                         "eval_step": [r["step"] for r in evals], "greedy": [r["eval/accuracy"] for r in evals]}
         if per_seed:
@@ -123,8 +122,8 @@ def report(out_root, names, seeds):
         return
     smooth = lambda ys, k=5: [sum(ys[max(0, i - k + 1):i + 1]) / len(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
     panels = [("correct", "training samples correct (moving avg of 5 steps)", True),
-              ("entropy", "policy entropy of the samples (nats/token)", False),
-              ("kl", "KL to the start model (k3; logged by reinforce_rej.py)", False),
+              ("entropy", "policy entropy on the trained tokens (nats/token)", False),
+              ("kl", "KL to the start model (k3; with --log-kl or beta > 0)", False),
               ("greedy", "held-out greedy accuracy", False)]
     fig, axes = plt.subplots(1, 4, figsize=(19, 4))
     colors = {name: f"C{i}" for i, name in enumerate(names)}

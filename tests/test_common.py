@@ -198,7 +198,7 @@ def test_dtype_resolution():
     cpu = torch.device("cpu")
     assert common.resolve_dtype("auto", cpu) == (torch.float32, torch.bfloat16)
     assert common.resolve_dtype("float32", cpu) == (torch.float32, None)
-    assert common.resolve_dtype("auto", torch.device("cuda")) == (torch.bfloat16, None)
+    assert common.resolve_dtype("auto", torch.device("cuda")) == (torch.float32, torch.bfloat16)  # fp32 masters
     with pytest.raises(SystemExit, match="--dtype"):
         common.resolve_dtype("fp8", cpu)
 

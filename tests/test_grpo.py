@@ -82,109 +82,23 @@ def test_k3_is_zero_at_the_reference_and_nonnegative():
     assert stats["kl_sum"] > 0
 
 
-# ---- the training forward --------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    tok = common.load_tokenizer(tiny_model_dir)
-    model = common.load_model(tiny_model_dir, torch.device("cpu"))
-    return model.eval(), tok
+# ---- pi_old frozen across the mu updates (the loop, not just the loss) -----------------------------------
+def run_steps(tiny_model_dir, out):
+    (out.parent / "reward.py").write_text(DIGIT_REWARD)
+    grpo.main(["--model", tiny_model_dir, "--reward-fn", f"{out.parent / 'reward.py'}:digit_fraction", "--steps", "3", "--prompts-per-step", "2", "--num-generations", "4",
+               "--max-new-tokens", "6", "--eval-every", "0", "--eval-size", "2", "--output-dir", str(out),
+               "--no-save", "--mu", "4", "--lr", "3e-2", "--warmup-steps", "0"])
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"reward"' in line]
 
 
-def plain_logprobs(model, prompt_ids, prompt_mask, completion_ids, G):
-    """Reference: one forward over [prompt; completion] per sample, full log-softmax."""
-    ids = torch.cat([prompt_ids.repeat_interleave(G, 0), completion_ids], 1)
-    mask = torch.cat([prompt_mask.repeat_interleave(G, 0), torch.ones_like(completion_ids)], 1)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
-    Lp = prompt_ids.shape[1]
-    return logits[:, Lp - 1:-1].log_softmax(-1).gather(-1, completion_ids[..., None]).squeeze(-1)
-
-
-def test_prefix_shared_forward_equals_plain_forward_values_and_grads(tiny):
-    model, tok = tiny
-    ids, mask = grpo.tokenize_prompts(tok, ["Question: 1+1?\nAnswer:", "Q: 22 + 33 = ?"], "cpu")
-    completions = torch.randint(2, 80, (6, 5), generator=torch.Generator().manual_seed(0))
-    lp, _ = grpo.completion_logprobs(model, ids, mask, completions, 3, 1.0)
-    lp.sum().backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    ref = plain_logprobs(model, ids, mask, completions, 3)
-    ref.sum().backward()
-    assert torch.allclose(lp, ref, atol=1e-5)
-    for g, p in zip(grads, model.parameters()):
-        assert torch.allclose(g, p.grad, atol=1e-5)
-    model.zero_grad()
-
-
-def test_left_padding_does_not_change_completion_logprobs(tiny):
-    model, tok = tiny
-    short, long = "Q: 1+1?", "Question: what is 12 + 34? Think first."
-    completions = torch.randint(2, 80, (2, 6), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ids, mask = grpo.tokenize_prompts(tok, [short], "cpu")
-        alone, _ = grpo.completion_logprobs(model, ids, mask, completions, 2, 0.7)
-        ids, mask = grpo.tokenize_prompts(tok, [short, long], "cpu")
-        assert mask[0, 0] == 0  # the short prompt really is left-padded
-        batched, _ = grpo.completion_logprobs(model, ids, mask, torch.cat([completions, completions]), 2, 0.7)
-    assert torch.allclose(alone, batched[:2], atol=1e-5)
-
-
-def test_micro_batches_give_the_full_batch_gradient(tiny):
-    model, tok = tiny
-    G = 2
-    ids, mask = grpo.tokenize_prompts(tok, ["Q: 1+1?", "Q: 2+2 is", "Question: 7*8?"], "cpu")
-    completions = torch.randint(2, 80, (6, 5), generator=torch.Generator().manual_seed(2))
-    lens = torch.tensor([5, 3, 4, 5, 1, 2])
-    cmask = grpo.completion_mask_from_lens(lens, 5)
-    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])
-    for loss_type in ("grpo", "dapo", "dr_grpo"):
-        norms = dict(num_seqs=6, num_tokens=cmask.sum(), max_len=8)
-        model.zero_grad()
-        lp, _ = grpo.completion_logprobs(model, ids, mask, completions, G, 1.0)
-        grpo.grpo_loss(lp, lp.detach(), adv, cmask, loss_type, **norms)[0].backward()
-        full = [p.grad.clone() for p in model.parameters()]
-        model.zero_grad()
-        for ps in ([0], [1, 2]):
-            r = torch.cat([torch.arange(p * G, (p + 1) * G) for p in ps])
-            T = int(lens[r].max())  # trimmed like the training loop does
-            lp, _ = grpo.completion_logprobs(model, ids[ps], mask[ps], completions[r, :T], G, 1.0)
-            grpo.grpo_loss(lp, lp.detach(), adv[r], cmask[r, :T], loss_type, **norms)[0].backward()
-        for g, p in zip(full, model.parameters()):
-            assert torch.allclose(g, p.grad, atol=1e-6), loss_type
-    model.zero_grad()
-
-
-def test_eos_stays_in_the_loss_mask_when_pad_is_eos(tiny):
-    model, tok = tiny
-    eos = tok.eos_token_id
-    assert tok.pad_token_id == eos  # the trap this test is about
-    ids, mask = grpo.tokenize_prompts(tok, ["Q: 1+1?"], "cpu")
-    out, lens = grpo.generate(model, ids, mask, 32, 16, 1.0, [eos], torch.Generator().manual_seed(0))
-    cmask = grpo.completion_mask_from_lens(lens, out.shape[1])
-    finished = out.gather(1, (lens - 1)[:, None]).squeeze(1) == eos
-    assert finished.any() and (~finished).any()
-    # every finished row has exactly one masked EOS, its last masked token; unfinished rows have none
-    assert (cmask * (out == eos)).sum(1).tolist() == finished.float().tolist()
-    assert torch.equal(cmask.sum(1), lens.float())
-    # the naive mask `ids != pad_id` would have dropped exactly those EOS tokens
-    naive = (out != tok.pad_token_id).float()
-    assert (cmask.sum() - (naive * cmask).sum()).item() == finished.sum().item()
-
-
-def test_completion_mask_from_lens():
-    m = grpo.completion_mask_from_lens(torch.tensor([3, 1]), 4)
-    assert m.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
-
-
-def test_greedy_generation_matches_plain_argmax_decoding(tiny):
-    model, tok = tiny
-    ids, mask = grpo.tokenize_prompts(tok, ["Q: 1+1?", "Question: 12 + 34?"], "cpu")
-    out, lens = grpo.generate(model, ids, mask, 1, 6, 0.0, [tok.eos_token_id], None)
-    for i in range(2):
-        seq = ids[i][mask[i].bool()][None]
-        for t in range(int(lens[i])):
-            nxt = model(input_ids=seq).logits[0, -1].argmax()
-            assert nxt == out[i, t]
-            seq = torch.cat([seq, nxt.view(1, 1)], 1)
+def test_pi_old_stays_frozen_across_mu_updates(tiny_model_dir, tmp_path, monkeypatch):
+    frozen = run_steps(tiny_model_dir, tmp_path / "a")
+    assert max(r["clip_frac"] for r in frozen) > 0  # with pi_old frozen, later updates move off it and clip
+    original = grpo.grpo_loss  # the regression: old log-probs recomputed before every update, so ratio == 1
+    monkeypatch.setattr(grpo, "grpo_loss", lambda lp, old, *a, **k: original(lp, lp.detach(), *a, **k))
+    recomputed = run_steps(tiny_model_dir, tmp_path / "b")
+    assert all(r["clip_frac"] == 0 for r in recomputed)
+    assert [r["grad_norm"] for r in frozen] != [r["grad_norm"] for r in recomputed]
 
 
 # ---- learning, end to end, bad input ---------------------------------------------------------------------
@@ -237,6 +151,12 @@ def test_end_to_end_on_embedded_model(embedded_model_dir, tmp_path):
     (["--num-generations", "1"], "--num-generations must be >= 2"),
     (["--loss-type", "ppo"], "invalid choice"),
     (["--steps", "0"], "--steps must be >= 1"),
+    (["--micro-batch-prompts", "0"], "--micro-batch-prompts must be >= 1"),
+    (["--eval-batch-size", "0"], "--eval-batch-size must be >= 1"),
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--beta", "nan"], "--beta must be >= 0"),
+    (["--dtype", "fp8"], "invalid choice"),
 ])
 def test_bad_flags_give_a_clear_error(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
