@@ -64,6 +64,15 @@ def _split_top(s):
     return parts + [cur.strip()]
 
 
+def _balanced(s):
+    depth = 0
+    for ch in s:
+        depth += (ch in "([{") - (ch in ")]}")
+        if depth < 0:
+            return False
+    return depth == 0
+
+
 def _is_list(r):
     """Several top-level items, and not one number written with thousands separators (58,500; 32,\\!348)."""
     return len(_split_top(r)) > 1 and not re.search(r"\d,(?:\\!)?\s?\d{3}\b", r)
@@ -150,7 +159,7 @@ RULES = [
     ("rewrite:label_value", True, lambda r: f"x = {r}" if "=" not in r and len(_split_top(r)) == 1 else None),
     ("rewrite:left_right", True,
      lambda r: f"\\left{r[0]} {r[1:-1]} \\right{r[-1]}" if r[:1] in "([" and r[-1:] in ")]"
-     and len(_split_top(r)) == 1 and len(_split_top(r[1:-1])) > 1 and "\\left" not in r else None),
+     and _balanced(r[1:-1]) and len(_split_top(r[1:-1])) > 1 and "\\left" not in r else None),
     ("rewrite:list_reversed", True,
      lambda r: ", ".join(reversed(p)) if _is_list(r) and (p := _split_top(r)) and len(set(p)) == len(p)
      and "=" not in r else None),
@@ -160,7 +169,7 @@ RULES = [
     ("rewrite:sqrt_shorthand", True,
      lambda r: re.sub(r"\\sqrt\{(\d)\}", r"\\sqrt\1", r) if re.search(r"\\sqrt\{\d\}", r) else None),
     ("rewrite:terms_reordered", True,
-     lambda r: _join(t[::-1]) if "=" not in r and "," not in r and "\\pm" not in r
+     lambda r: _join(t[::-1]) if "=" not in r and "," not in r and "\\pm" not in r and not re.search(r"\de[-+]|\\begin|\$", r)
      and (t := _signed_terms(r)) and len(set(t)) == len(t) else None),
     ("rewrite:pm_expanded", True,
      lambda r: f"{m[1].strip()} + {m[2].strip()}, {m[1].strip()} - {m[2].strip()}"
@@ -201,7 +210,8 @@ RULES = [
      if re.search(r"\\sqrt\{\d+\}", r) and "," not in r else None),
     ("near:sign_flipped", False,
      lambda r: _join([("-" if t[0] != "-" else "+") + t.lstrip("+-")] + terms[1:])
-     if "=" not in r and "," not in r and "\\pm" not in r and (terms := _signed_terms(r))
+     if "=" not in r and "," not in r and "\\pm" not in r and not re.search(r"\de[-+]|\\begin|\$", r)
+     and (terms := _signed_terms(r))
      and re.search(r"[a-z]|\\sqrt|\\pi", r) and (t := terms[0]) and len(set(terms)) == len(terms) else None),
     ("near:matrix_entry", False,
      lambda r: re.sub(r"(\\begin\{pmatrix\}\s*)(-?\d+)", lambda m: m[1] + str(int(m[2]) + 1), r, count=1)
