@@ -452,7 +452,9 @@ def extract_answer(text):
         answers, hedge, k = [spans[-1][2]], False, len(spans) - 1
         while k > 0:  # boxed answers listed side by side: "\boxed{1}, \boxed{2} and \boxed{3}"
             between = re.sub(r"\\q?quad|\\[,;:! ]|\\[()\[\]]|\$", " ", text[spans[k - 1][1]:spans[k][0]])
-            if not re.fullmatch(r"[\s,.]*(?:(?:and|or|\\text\{\s*(?:and|or)\s*\})[\s,]*)?", between):
+            between = re.sub(r"\\text\s*\{([^{}]*)\}", r" \1 ", between)  # \text{ for part (a) and }
+            if not re.fullmatch(r"[\s,.]*(?:(?:[A-Za-z() ]{0,30}\s)?(?:and|or)\b)?[\s,]*"
+                                r"(?:[A-Za-z](?:_\{?\w+\}?)?\s*=\s*)?", between):  # ... and y_2 = \boxed{..}
                 break
             hedge |= bool(re.search(r"\bor\b", between))
             answers.insert(0, spans[k - 1][2])
@@ -503,7 +505,7 @@ def _normalize(s):
     while s.startswith("{") and s.endswith("}") and _balanced(s[1:-1]):  # grouping braces: {1,3}
         s = s[1:-1].strip()
     # thousands separators, only when the whole answer is one number: 1,234,567 / 1 000 (but "1,2" is a list)
-    if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?: [A-Za-z ]+)?|-?\d{1,3}(?: \d{3})+(?:\.\d+)?", s):
+    if re.fullmatch(r"-?(?!0,)\d{1,3}(?:,\d{3})+(?:\.\d+)?(?: [A-Za-z ]+)?|-?\d{1,3}(?: \d{3})+(?:\.\d+)?", s):
         s = s.replace(",", "").replace(" ", "") if "," not in s else s.replace(",", "")
     if re.fullmatch(r"\(?\s*\\text\s*\{\s*\(?([A-Ea-e])\)?\s*\}\s*\)?|\(([A-E])\)", s):  # (C), \text{(C)}
         s = re.sub(r"[^A-Ea-e]", "", s.replace("\\text", ""))
@@ -577,9 +579,9 @@ def _items(s):
     parts = _split_top(re.sub(r"\s*(?:,|;)?\s*\b(?:and|or)\b\s*", ",", s.replace(";", ",")))
     items = []
     for part in parts:
-        left, eq, right = part.rpartition("=")
-        label = left.strip() if eq and _is_label(left) and "=" not in left else None
-        value = right.strip() if label else part
+        sides = _split_top(part, "=")  # not the = of \sum_{k=0}
+        label = sides[0] if len(sides) == 2 and _is_label(sides[0]) else None
+        value = sides[1] if label else part
         if value.count("\\pm") == 1:  # 1 \pm \sqrt{5} -> two answers
             items += [(label, value.replace("\\pm", "+", 1)), (label, value.replace("\\pm", "-", 1))]
         else:
@@ -602,12 +604,12 @@ def _interval(s):
     parts = [p.strip() for p in re.split(r"(<|>|\\leq|\\geq)", s)]
     if len(parts) == 3:
         (a, op, b), var = parts, lambda x: re.search(r"[A-Za-z]", re.sub(r"\\(?:infty|pi|sqrt|frac)", "", x))
-        if var(a) and not var(b):  # x < b, x >= b
+        if var(a) and not var(b) and _is_label(a):  # x < b, x >= b (not -x > -1: that goes to sympy)
             return ("(", ops[op], ["-\\infty", b]) if op in ("<", "\\leq") else (ops[op], ")", [b, "\\infty"])
-        if var(b) and not var(a):  # a < x  ==  x > a
+        if var(b) and not var(a) and _is_label(b):  # a < x  ==  x > a
             flipped = {"<": ">", ">": "<", "\\leq": "\\geq", "\\geq": "\\leq"}[op]
             return _interval(f"{b} {flipped} {a}")
-    if len(parts) == 5 and parts[1] in ("<", "\\leq") and parts[3] in ("<", "\\leq"):  # a < x <= b
+    if len(parts) == 5 and _is_label(parts[2]) and parts[1] in ("<", "\\leq") and parts[3] in ("<", "\\leq"):  # a < x <= b
         return ("(" if parts[1] == "<" else "["), ops[parts[3]], [parts[0], parts[4]]
     return None
 
@@ -734,7 +736,7 @@ def _equivalent(pred, ref, depth=0):
         return False
     if re.fullmatch(r"[A-Za-z() ]+", p) and re.fullmatch(r"[A-Za-z() ]+", r):
         return p.lower() == r.lower()  # text answers: "Yes" == "yes"
-    if ("=" in p) != ("=" in r):  # an equation is not a value
+    if (len(_split_top(p, "=")) > 1) != (len(_split_top(r, "=")) > 1):  # an equation is not a value
         return False  # math-verify would compare "y=2x" with "2x"
     return _math_verify(p, r)
 
@@ -745,14 +747,13 @@ def _strip_label(p, r):
     vs 1, but '2x + z = 1' is not 1). Both labelled: their right sides. 'x = 1/3 \\approx 0.33': the exact part."""
     approx = lambda x: re.sub(r"\s*\\approx.*$", "", x) if "=" in x else x.replace("\\approx", "=")
     p, r = approx(p), approx(r)
-    lp, _, vp = p.rpartition("=")
-    lr, _, vr = r.rpartition("=")
-    if "=" in p and "=" in r:
-        return (vp.strip(), vr.strip()) if _is_label(lp.split("=")[0]) and _is_label(lr.split("=")[0]) else (p, r)
-    if "=" in p and not (re.fullmatch(r"\s*0\s*", vp) and not _is_label(lp)):
-        return vp.strip(), r
-    if "=" in r and _is_label(lr) and "=" not in lr:
-        return p, vr.strip()
+    sp, sr = _split_top(p, "="), _split_top(r, "=")  # top-level sides: not the = of \sum_{k=0}
+    if len(sp) > 1 and len(sr) > 1:
+        return (sp[-1], sr[-1]) if _is_label(sp[0]) and _is_label(sr[0]) else (p, r)
+    if len(sp) > 1 and not (sp[-1] == "0" and not (len(sp) == 2 and _is_label(sp[0]))):
+        return sp[-1], r
+    if len(sr) == 2 and _is_label(sr[0]):
+        return p, sr[1]
     return p, r
 
 
