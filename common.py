@@ -546,13 +546,16 @@ def compute_rewards(reward_fn, prompts, completions, records):
 # ----------------------------------------------------------------------------------------------------------
 # Grading
 # ----------------------------------------------------------------------------------------------------------
-# Conventions (labelled cases in tests/): the final answer is the last complete \boxed{} / \fbox{} (boxed answers
-# listed side by side form one list answer; joined by "or" they are a hedge), else GSM8K "#### N", else "the
-# (final) answer is ..." / "Answer: ...", else there is no answer: no last-number fallback, which would pay for
-# unfinished or hedged work. Comparison: our normalisation (units, \text, $, %, thousands separators, frac
-# shorthands), exact rational arithmetic for plain numbers (so 44851 != 44850), lists as sets, tuples and
-# intervals in order with their brackets, and math-verify (sympy) for everything symbolic, behind guards for
-# its known false positives (hedges, inequalities vs intervals, huge powers that would hang sympy).
+# Conventions (docs/grading.md; labelled cases in tests/): the final answer is the last complete \boxed{} / \fbox{}
+# (boxed answers listed side by side form one list answer), else GSM8K "#### N", else "the (final) answer is ..." /
+# "Final Answer: ..." / "Answer: ...", else there is no answer: no last-number fallback, which would pay for
+# unfinished or hedged work. Comparison, in order: our normalisation (units, \text, $, %, thousands separators, frac
+# shorthands); clock times exactly; lists, sets and labelled values ("x = 1, y = 2") item by item (sets unordered,
+# "or" joins items, so a hedge "5 or 6" is a two-item answer); labels stripped ("k = 1" vs "1"; the reference's
+# left side only when it is a label, not "2x + z"); inequalities as intervals with their brackets; matrices entry by
+# entry; tuples and intervals in order with their brackets; exact rationals for plain numbers (44851 != 44850);
+# then math-verify (sympy), with exact comparison for rational values and a 1e-12 relative tolerance for irrational
+# numbers, behind size guards (towers of powers, 10^{10000}, 5000!) that would hang sympy.
 import logging
 import math
 import re
@@ -560,7 +563,11 @@ from fractions import Fraction
 from itertools import accumulate
 
 _MAX_RESPONSE, _MAX_ANSWER = 20_000, 400  # characters: bounds the work on pathological inputs
+_MAX_ITEMS = 20  # longer lists compare item strings, not a quadratic number of sympy calls
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*(\{)?")
+_MARKER = re.compile(r"(?:the\s+(?:final\s+)?answer\s+is|final\s+answer\s*:|^[\s*#>]*answer\s*:)[\s*]*:?\s*(.+)",
+                     re.IGNORECASE | re.MULTILINE)
+_MATH_SPAN = re.compile(r"\$\$(.+?)\$\$|\$(.+?)(?<!\\)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
 
 
 def _boxed_spans(text):
@@ -584,6 +591,31 @@ def _boxed_spans(text):
     return spans
 
 
+def _phrase_answer(text, after=0):
+    """The answer after the last "the answer is" / "Final Answer:" / "Answer:" (starting at or after `after`), or
+    None (none there, hedged or empty)."""
+    m = list(_MARKER.finditer(text))
+    if not m or m[-1].start() < after:
+        return None
+    rest = m[-1].group(1).strip()
+    while (inner := _MARKER.match(rest)):  # Minerva: "Final Answer: The final answer is $X$. I hope it is correct."
+        rest = inner.group(1).strip()
+    rest = rest.replace("**", "").strip().strip("\"'").strip()
+    if (span := _MATH_SPAN.match(rest)):  # "$X$ ...": the math span(s), joined when listed with and/or/commas
+        answer, end = next(g for g in span.groups() if g is not None), span.end()
+        while (more := re.match(r"\s*(,|\band\b|\bor\b)\s*", rest[end:])) and (nxt := _MATH_SPAN.match(rest, end +
+                                                                                                     more.end())):
+            answer += f" {more.group(1)} " + next(g for g in nxt.groups() if g is not None)
+            end = nxt.end()
+    else:
+        answer = re.split(r"\.(?:\s|$)|\n|;", rest + " ")[0]
+        if re.match(r"(?:the|a|an)\s+\w+", answer, re.IGNORECASE) and (is_ := re.search(r"\bis\s+(.+)$", answer)):
+            answer = is_.group(1)  # "Final Answer: The largest $n$ is 34."
+    answer = answer.strip().strip("$").strip().rstrip(".").strip()
+    hedged = re.match(r"(?:not|maybe|probably|perhaps|possibly)\b", answer, re.IGNORECASE) or answer.endswith("?")
+    return None if not answer or hedged else answer
+
+
 def extract_answer(text):
     """The final answer of a response as a string, or None when the response has no final-answer marker."""
     if not isinstance(text, str) or not text.strip():
@@ -591,11 +623,15 @@ def extract_answer(text):
     text = text[-_MAX_RESPONSE:]
     text = re.sub(r"<think>.*?</think>", "", text, flags=re.DOTALL) or text  # reasoning drafts are not answers
     spans = _boxed_spans(text)
+    if spans and (late := _phrase_answer(text, after=spans[-1][1])) and re.match(r"[-\d.]|\$|\\\(", late.strip()):
+        return late  # "... \boxed{255} ... Final Answer: The final answer is $10,455$.": the last stated answer
     if spans:
         answers, hedge, k = [spans[-1][2]], False, len(spans) - 1
         while k > 0:  # boxed answers listed side by side: "\boxed{1}, \boxed{2} and \boxed{3}"
-            between = re.sub(r"\\q?quad|\\[,;:! ]", " ", text[spans[k - 1][1]:spans[k][0]])
-            if not re.fullmatch(r"[\s$,.]*(?:(?:and|or|\\text\{\s*(?:and|or)\s*\})[\s$,]*)?", between):
+            between = re.sub(r"\\q?quad|\\[,;:! ]|\\[()\[\]]|\$", " ", text[spans[k - 1][1]:spans[k][0]])
+            between = re.sub(r"\\text\s*\{([^{}]*)\}", r" \1 ", between)  # \text{ for part (a) and }
+            if not re.fullmatch(r"[\s,.]*(?:(?:[A-Za-z() ]{0,30}\s)?(?:and|or)\b)?[\s,]*"
+                                r"(?:[A-Za-z](?:_\{?\w+\}?)?\s*=\s*)?", between):  # ... and y_2 = \boxed{..}
                 break
             hedge |= bool(re.search(r"\bor\b", between))
             answers.insert(0, spans[k - 1][2])
@@ -607,39 +643,67 @@ def extract_answer(text):
     m = list(re.finditer(r"####\s*([^\n]+)", text))
     if m:
         return m[-1].group(1).strip()
-    m = list(re.finditer(r"(?:the\s+(?:final\s+)?answer\s+is|final\s+answer\s*:|^\s*answer\s*:)\s*:?\s*(.+)",
-                         text, re.IGNORECASE | re.MULTILINE))
-    if m:
-        answer = re.split(r"(?<!\d)\.(?:\s|$)|\n|;", m[-1].group(1).strip() + " ")[0]
-        answer = answer.replace("**", "").strip().strip("$").strip().rstrip(".").strip()
-        hedged = re.match(r"(?:not|maybe|probably|perhaps|possibly)\b", answer, re.IGNORECASE) or answer.endswith("?")
-        return None if not answer or hedged else answer
-    return None
+    return _phrase_answer(text)
+
+
+def _reference_answer(reference):
+    """A reference is an answer string; one given as a worked solution ("... \\boxed{X}") is reduced to X."""
+    ref = str(reference).strip()[-_MAX_RESPONSE:]
+    if "\\\\boxed" in ref:  # a double-escaped source string
+        ref = re.sub(r"\\\\(?=[A-Za-z])", r"\\", ref)
+    if re.search(r"\\(?:boxed|fbox)\b", ref) or _MARKER.search(ref):
+        if (unterminated := re.fullmatch(r"\s*\\boxed\s*\{([^{}]*)", ref)):
+            return unterminated.group(1)
+        return extract_answer(ref) or ref
+    return ref
+
+
+_TEXT = r"\\(?:text|textbf|textit|textnormal|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}"
+_NORMALIZE = [
+    (r"\\q?quad", " "), (r"\s*\{\s*,\s*\}\s*|,\\!\s*(?=\d{3}(?!\d))", ","),
+    (r"\\left\b|\\right\b|\\displaystyle|\\bigg?|\\Bigg?|(?<!\\)\\[!,;:]|\*\*", ""), (r"(?<!\\)\\ |~", " "),
+    (r"\\[dtc]frac", r"\\frac"), (r"\^\s*\{?\\circ\}?|°|\\circ|\\\$|\$|\\%|%|(?<=\d)\s*(?:percent(?:age)?|pct)\b", ""),
+    (_TEXT, r"\1"), (_TEXT, r"\1"), (r"\\varnothing", r"\\emptyset"),
+    (r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}"), (r"\\frac\s*(\d)\s*\{", r"\\frac{\1}{"),
+    (r"\\frac\{([^{}]*)\}\s*(\d)", r"\\frac{\1}{\2}"), (r"\\sqrt\s*(\d+)", r"\\sqrt{\1}"),
+    (r"(\d)\.0+(?![\d])", r"\1"), (r"(?<![\d.])1\s*i\b", "i"),
+    (r"\\geq?\b|>=|≥", r"\\geq "), (r"\\leq?\b|<=|≤", r"\\leq "), (r"\\neq?\b|!=|≠", r"\\neq "),
+    (r"\\gt\b", ">"), (r"\\lt\b", "<"), (r"\\dots|\\ldots|\\cdots", "..."), (r"\s+", " "),
+]
 
 
 def _normalize(s):
     s = s.strip()
-    for pattern, repl in [(r"\\left\b|\\right\b|\\displaystyle|(?<!\\)\\[!,;:]|\*\*", ""), (r"(?<!\\)\\ |~", " "),
-                          (r"\\[dtc]frac", r"\\frac"), (r"\^\s*\{?\\circ\}?|°|\\circ|\\\$|\$|\\%|%", ""),
-                          (r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}", r"\1"),
-                          (r"\\varnothing", r"\\emptyset"), (r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}"),
-                          (r"\\frac\s*(\d)\s*\{", r"\\frac{\1}{"), (r"\\frac\{([^{}]*)\}\s*(\d)", r"\\frac{\1}{\2}"),
-                          (r"\\sqrt\s*(\d+)", r"\\sqrt{\1}"), (r"(\d)\.0+(?![\d])", r"\1"),
-                          (r"(?<![\d.])1\s*i\b", "i"), (r"\s+", " ")]:
+    if "\\\\" in s and "\\begin" not in s:  # a double-escaped source string: "\\frac{1}{2}"
+        s = re.sub(r"\\\\(?=[A-Za-z])", r"\\", s)
+    for pattern, repl in _NORMALIZE:
         s = re.sub(pattern, repl, s)
     s = s.strip().rstrip(".").strip()
-    # thousands separators, only when the whole answer is one number: 1,234,567 (but "1,2", "(0,100]" are lists)
-    if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?: [A-Za-z ]+)?", s):
-        s = s.replace(",", "")
+    while s.startswith("{") and s.endswith("}") and _balanced(s[1:-1]):  # grouping braces: {1,3}
+        s = s[1:-1].strip()
+    # thousands separators, only when the whole answer is one number: 1,234,567 / 1 000 (but "1,2" is a list)
+    if re.fullmatch(r"-?(?!0,)\d{1,3}(?:,\d{3})+(?:\.\d+)?(?: [A-Za-z ]+)?|-?\d{1,3}(?: \d{3})+(?:\.\d+)?", s):
+        s = s.replace(",", "").replace(" ", "") if "," not in s else s.replace(",", "")
+    if re.fullmatch(r"\(?\s*\\text\s*\{\s*\(?([A-Ea-e])\)?\s*\}\s*\)?|\(([A-E])\)", s):  # (C), \text{(C)}
+        s = re.sub(r"[^A-Ea-e]", "", s.replace("\\text", ""))
     return s
 
 
+def _balanced(s):
+    depth = 0
+    for ch in s:
+        depth += (ch in "([{") - (ch in ")]}")
+        if depth < 0:
+            return False
+    return depth == 0
+
+
 def _to_number(s):
-    """Exact value of a plain number: integer, decimal, a/b, \\frac{a}{b}, mixed number, a \\times 10^{b}."""
+    """Exact value of a plain number: integer, decimal, 1e-3, a/b, \\frac{a}{b}, mixed number, a \\times 10^{b}."""
     s = s.replace(" ", "") if not re.fullmatch(r"-?\d+ \d+/\d+", s) else s
     num = r"[+-]?(?:\d+\.?\d*|\.\d+)"
     try:
-        if re.fullmatch(num, s):
+        if re.fullmatch(num + r"(?:e[+-]?\d{1,3})?", s):
             return Fraction(s)
         if (m := re.fullmatch(rf"({num})/({num})", s)):
             return Fraction(m[1]) / Fraction(m[2])
@@ -669,24 +733,76 @@ def _split_top(s, seps=","):
     return [p.strip() for p in parts + [cur] if p.strip()]
 
 
-def _structure(s):
-    """-> ('tuple', '(]', items) for tuples/intervals, ('set', '', items) for sets/lists/unions, else None."""
-    if "\\cup" in s:
-        return "set", "", [p.strip() for p in s.split("\\cup")]
-    if s.startswith("\\{") and s.endswith("\\}"):
+def _is_label(s):
+    """A name on the left of '=': x, a_{37}, f(x), |AB|, A:B, \\frac{NO}{BO}, (p,q) -- not 2x + z, not 7."""
+    s = s.strip()
+    return (0 < len(s) <= 30 and re.match(r"(?:\\[A-Za-z]+\s*)?[A-Za-z(|{\\]", s) is not None
+            and not re.search(r"(?<![_^{(,])[+\-]|\^|\\(?:cdot|times)\b|[<>]|\\[lg]eq", s)
+            and re.search(r"[A-Za-z]", re.sub(r"\\[A-Za-z]+", "", s)) is not None)
+
+
+def _label_key(label):
+    return re.sub(r"[{}\s\\]", "", label)
+
+
+def _items(s):
+    """Top-level items of an answer as (label or None, value): '\\{1, 2\\}', 'x = 1, y = 2', '3 and 4', '5 or 6',
+    'p=5,q=2;p=7,q=2' (groups -> tuples), '1 \\pm \\sqrt{5}' (two items)."""
+    if s.startswith("\\{") and s.endswith("\\}") and _balanced(s[2:-2]):
         s = s[2:-2]
-    elif s[:1] in "([" and s[-1:] in ")]" and len(_split_top(s[1:-1])) > 1 and len(_split_top(s)) == 1:
-        return "tuple", s[0] + s[-1], _split_top(s[1:-1])
-    items = _split_top(re.sub(r",?\s*\band\b\s*", ",", s))
-    expanded = []
-    for item in items:  # 1 \pm \sqrt{5} -> two answers
-        expanded += [item.replace("\\pm", "+", 1), item.replace("\\pm", "-", 1)] if item.count("\\pm") == 1 else [item]
-    return ("set", "", expanded) if len(expanded) > 1 or s != expanded[0] else None
+    groups = _split_top(s, ";")
+    if len(groups) > 1 and any(len(_split_top(g)) > 1 for g in groups) and all("=" in g for g in groups):
+        s = ", ".join("(" + ", ".join(v.split("=")[-1].strip() for v in _split_top(g)) + ")" for g in groups)
+    parts = _split_top(re.sub(r"\s*(?:,|;)?\s*\b(?:and|or)\b\s*", ",", s.replace(";", ",")))
+    items = []
+    for part in parts:
+        sides = _split_top(part, "=")  # not the = of \sum_{k=0}
+        label = sides[0] if len(sides) == 2 and _is_label(sides[0]) else None
+        value = sides[1] if label else part
+        if value.count("\\pm") == 1:  # 1 \pm \sqrt{5} -> two answers
+            items += [(label, value.replace("\\pm", "+", 1)), (label, value.replace("\\pm", "-", 1))]
+        else:
+            items.append((label, value))
+    return items
+
+
+def _tuple(s):
+    """(open, close, entries) for '(a, b)', '[a, b)', ..., else None."""
+    if s[:1] in "([" and s[-1:] in ")]" and _balanced(s[1:-1]) and len(entries := _split_top(s[1:-1])) > 1:
+        return s[0], s[-1], entries
+    return None
+
+
+def _interval(s):
+    """An inequality in one unknown as an interval (open, close, [low, high]); 'x \\in I' as I; else None."""
+    if (m := re.fullmatch(r"[A-Za-z][\w{}()]*\s*\\in\s*(.+)", s)):
+        return _tuple(m[1].strip())
+    ops = {"<": ")", "\\leq": "]", ">": "(", "\\geq": "["}
+    parts = [p.strip() for p in re.split(r"(<|>|\\leq|\\geq)", s)]
+    if len(parts) == 3:
+        (a, op, b), var = parts, lambda x: re.search(r"[A-Za-z]", re.sub(r"\\(?:infty|pi|sqrt|frac)", "", x))
+        if var(a) and not var(b) and _is_label(a):  # x < b, x >= b (not -x > -1: that goes to sympy)
+            return ("(", ops[op], ["-\\infty", b]) if op in ("<", "\\leq") else (ops[op], ")", [b, "\\infty"])
+        if var(b) and not var(a) and _is_label(b):  # a < x  ==  x > a
+            flipped = {"<": ">", ">": "<", "\\leq": "\\geq", "\\geq": "\\leq"}[op]
+            return _interval(f"{b} {flipped} {a}")
+    if len(parts) == 5 and _is_label(parts[2]) and parts[1] in ("<", "\\leq") and parts[3] in ("<", "\\leq"):  # a < x <= b
+        return ("(" if parts[1] == "<" else "["), ops[parts[3]], [parts[0], parts[4]]
+    return None
+
+
+def _matrix(s):
+    """Rows of entries of a pmatrix / bmatrix / matrix / array (any of these brackets), else None."""
+    m = re.fullmatch(r"[(\[]?\s*\\begin\{([pbB]?matrix|array)\}(?:\{[^{}]*\})?(.*)\\end\{\1\}\s*[)\]]?", s, re.DOTALL)
+    if not m:
+        return None
+    return [[c.strip() for c in row.split("&")] for row in m[2].split("\\\\") if row.strip()]
 
 
 def _math_verify(pred, ref):
     depth = lambda x: max(accumulate((c == "{") - (c == "}") for c in x), default=0)
-    if any(re.search(r"\^\s*\{?[^}]*\^|\^\s*\{?\s*\d{4,}|\d{4,}\s*!", x) or depth(x) > 6 for x in (pred, ref)):
+    tower = r"\^\s*\{[^{}]*\^|\^\s*[\w.]+\s*\^|\^\s*\{?\s*\d{4,}|\d{4,}\s*!|\\binom\s*\{\s*\d{4,}"
+    if any(re.search(tower, x) or depth(x) > 6 for x in (pred, ref)):
         return False  # towers of powers, 10^{10000}, 5000!, deep nests: sympy could run for minutes
     from math_verify import parse, verify
     from sympy import Basic, MatrixBase
@@ -696,69 +812,126 @@ def _math_verify(pred, ref):
     if not (gold and target):
         return False
     a, b = gold[0], target[0]
+    unknowns = lambda x: re.search(r"[a-df-hj-zA-Z]", re.sub(r"\\[A-Za-z]+|_\{[^{}]*\}|_\w", "", x))
+    for value, text in ((a, ref), (b, pred)):
+        if isinstance(value, Basic) and not isinstance(value, MatrixBase) and value.is_number and unknowns(text):
+            return False  # a value without the unknowns written in it: math-verify parsed a fragment
     if all(isinstance(x, Basic) and not isinstance(x, MatrixBase) and x.is_number for x in (a, b)):
-        # both are numbers (pi/2, 2^{-70}, sqrt 12): compare to 1e-12 relative, not math-verify's 6 decimals
+        if a.is_Rational and b.is_Rational:
+            return a == b  # 2^3 \cdot 3^2 == 72 exactly, nothing approximate for integers and fractions
+        # numbers (pi/2, 2^{-70}, sqrt 12): compare to 1e-12 relative, not math-verify's 6 decimals
         x, y = complex(a.evalf(40)), complex(b.evalf(40))
         if not all(map(math.isfinite, (abs(x), abs(y)))):
-            return a == b  # oo, -oo, zoo: only identical infinities match
+            return a == b and a.is_infinite and a.is_extended_real is True  # oo == oo; 1/0 (zoo) is no value
         return abs(x - y) <= 1e-12 * max(abs(x), abs(y))
     return bool(verify(gold, target, timeout_seconds=None))
 
 
+def _equivalent_items(pi, ri, depth, ordered=False):
+    """Lists: labelled values by label, labelled against plain in order, otherwise as sets (each item of one side
+    equivalent to an item of the other)."""
+    keyed = lambda items: all(lab for lab, _ in items) and len({_label_key(lab) for lab, _ in items}) == len(items)
+    if len(pi) != len(ri) and (ordered or any(lab for lab, _ in pi + ri)):
+        return False
+    if keyed(pi) and keyed(ri) and {_label_key(lab) for lab, _ in pi} == {_label_key(lab) for lab, _ in ri}:
+        by_label = {_label_key(lab): v for lab, v in ri}
+        return all(_equivalent(v, by_label[_label_key(lab)], depth + 1) for lab, v in pi)
+    pv, rv = [v for _, v in pi], [v for _, v in ri]
+    if len(pv) > _MAX_ITEMS or len(rv) > _MAX_ITEMS:
+        return sorted(set(pv)) == sorted(set(rv))
+    if ordered or (keyed(pi) and not any(lab for lab, _ in ri)) or (keyed(ri) and not any(lab for lab, _ in pi)):
+        return len(pv) == len(rv) and all(_equivalent(a, b, depth + 1) for a, b in zip(pv, rv))  # x=-5, p=2 vs -5, 2
+    matched = set()
+    for a in pv:
+        hits = [j for j, b in enumerate(rv) if _equivalent(a, b, depth + 1)]
+        if not hits:
+            return False
+        matched.update(hits)
+    return len(matched) == len(rv)
+
+
 def _equivalent(pred, ref, depth=0):
     p, r = _normalize(pred), _normalize(ref)
-    if not p or depth > 3 or len(p) > _MAX_ANSWER:
+    if not p or depth > 4 or len(p) > _MAX_ANSWER or len(r) > _MAX_ANSWER:
         return p == r
-    if p == r:
+    if p == r or p.replace(" ", "") == r.replace(" ", ""):
         return True
-    hedge = lambda x: re.search(r"\bor\b", x)
-    if hedge(p) and not hedge(r):
-        return False  # "5 or 6" never earns credit for 5
-    if "=" not in r and (pairs := re.fullmatch(r"[A-Za-z]\w* ?= ?[^,=]+(?:, ?[A-Za-z]\w* ?= ?[^,=]+)+", p)):
-        p = "(" + ", ".join(v.split("=")[1].strip() for v in _split_top(pairs[0])) + ")"  # x = 2, y = -1 -> (2, -1)
-    for sym in ("=", "\\in "):  # x = 3 vs 3; (p,q) = (3,2) vs (3,2); but x^2 - 4 = 0 is an equation, not "0"
-        if sym == "=" and any(x.count("=") == 1 and re.fullmatch(r".*[A-Za-z].*= ?0", x) for x in (p, r)):
-            continue
-        if sym in p and sym not in r:
-            p = p.split(sym)[-1].strip()
-        elif sym in r and sym not in p:
-            r = r.split(sym)[-1].strip()
+    for x, y in ((p, r), (r, p)):  # a decimal comma (1000,99 vs 1000.99): the same digits, one written with a dot
+        if re.fullmatch(r"-?\d+,\d+", x) and re.fullmatch(r"-?\d*\.\d+", y):
+            return x.replace(",", ".") == y
+    if "\\cup" in p or "\\cup" in r:  # unions of intervals: as sets of intervals
+        parts = lambda x: [(None, v.strip()) for v in re.sub(r"^[A-Za-z]\w*\s*\\in\s*", "", x).split("\\cup")]
+        return "\\cup" in p and "\\cup" in r and _equivalent_items(parts(p), parts(r), depth)
+    pi, ri = _items(p), _items(r)
+    tp, tr = _tuple(p), _tuple(r)
+    if len(pi) > 1 or len(ri) > 1:
+        ordered = False
+        if len(pi) == 1 and tp and tp[0] == "(" and all(lab is None for lab, _ in ri):  # (1, 3) vs 1, 3: in order
+            pi, ordered = [(None, v) for v in tp[2]], True
+        if len(ri) == 1 and tr and tr[0] == "(" and all(lab is None for lab, _ in pi):
+            ri, ordered = [(None, v) for v in tr[2]], True
+        return _equivalent_items(pi, ri, depth, ordered)
+    p, r = _strip_label(p, r)
     if p.replace(" ", "") == r.replace(" ", ""):
         return True
-    mp, mr = (re.fullmatch(r"\\begin\{([pbvB]?matrix)\}(.*)\\end\{\1\}", x.strip(), re.DOTALL) for x in (p, r))
+    clock = r"\d{1,2}:\d{2}(?::\d{2})?(?: ?[ap]\.?m\.?)?"
+    if re.fullmatch(clock, p, re.IGNORECASE) or re.fullmatch(clock, r, re.IGNORECASE):
+        return False  # clock times compare as written (12:00 != 1:00), never as the division 12/0
+    ip, ir = _interval(p), _interval(r)
+    ineq = lambda x: bool(re.search(r"\\[lg]eq|[<>]|\\neq|\\in\b", x))
+    if (bool(ip) or ineq(p)) != (bool(ir) or ineq(r)) and not ((ip and _tuple(r)) or (ir and _tuple(p))):
+        return False  # an inequality is not a value
+    if ip or ir:
+        tp, tr = ip or _tuple(p), ir or _tuple(r)
+        if not (tp and tr):  # -x > -1 vs x < 1: both inequalities, not both in the simple form
+            return ineq(p) and ineq(r) and _math_verify(p, r)
+        return tp[:2] == tr[:2] and len(tp[2]) == len(tr[2]) and \
+            all(_equivalent(a, b, depth + 1) for a, b in zip(tp[2], tr[2]))
+    mp, mr = _matrix(p), _matrix(r)
     if mp or mr:  # matrices: same shape, entries equivalent
-        rows = lambda m: [[c for c in row.split("&")] for row in m[2].split("\\\\") if row.strip()]
-        if not (mp and mr) or [len(x) for x in rows(mp)] != [len(x) for x in rows(mr)]:
+        if not (mp and mr) or [len(x) for x in mp] != [len(x) for x in mr]:
             return False
-        return all(_equivalent(a, b, depth + 1) for ra, rb in zip(rows(mp), rows(mr)) for a, b in zip(ra, rb))
-    sp, sr = _structure(p), _structure(r)
-    if sp or sr:
-        if not (sp and sr) or sp[0] != sr[0] or sp[1] != sr[1] or len(sp[2]) != len(sr[2]):
-            return False
-        if len(sp[2]) > 20:  # long lists: compare item strings, not a quadratic number of sympy calls
-            return sorted(sp[2]) == sorted(sr[2]) if sp[0] == "set" else sp[2] == sr[2]
-        if sp[0] == "tuple":
-            return all(_equivalent(a, b, depth + 1) for a, b in zip(sp[2], sr[2]))
-        unmatched = list(sr[2])
-        for a in sp[2]:
-            match = next((b for b in unmatched if _equivalent(a, b, depth + 1)), None)
-            if match is None:
-                return False
-            unmatched.remove(match)
-        return True
-    unit = r"^(-?[\d.]+(?:\\frac\{\d+\}\{\d+\}| \d+/\d+)?|\\frac\{\d+\}\{\d+\}) [A-Za-z][A-Za-z ]*(?:\^\d)?$"
+        return all(_equivalent(a, b, depth + 1) for ra, rb in zip(mp, mr) for a, b in zip(ra, rb))
+    if tp or tr:  # tuples and intervals: brackets and entries in order
+        return bool(tp and tr) and tp[:2] == tr[:2] and len(tp[2]) == len(tr[2]) and \
+            all(_equivalent(a, b, depth + 1) for a, b in zip(tp[2], tr[2]))
+    ratio = r"(\d+(?:\.\d+)?):(\d+(?:\.\d+)?)"
+    if (rp := re.fullmatch(ratio, p.replace(" ", ""))) and (rr := re.fullmatch(ratio, r.replace(" ", ""))):
+        return Fraction(rp[2]) != 0 and Fraction(rr[2]) != 0 and \
+            Fraction(rp[1]) / Fraction(rp[2]) == Fraction(rr[1]) / Fraction(rr[2])
+    unit = r"^(-?[\d.]+(?:\\frac\{\d+\}\{\d+\}| \d+/\d+)?|\\frac\{\d+\}\{\d+\}) ?[A-Za-z][A-Za-z ]*(?:\^\d)?$"
     p, r = re.sub(unit, r"\1", p), re.sub(unit, r"\1", r)  # "18 eggs", "15 cm^2" -> the number
     a, b = _to_number(p), _to_number(r)
+    if a is None and b is not None and re.fullmatch(r"\d+,\d+", p) and "." in r:  # a decimal comma: 1000,99
+        a = _to_number(p.replace(",", "."))
     if a is not None and b is not None:
+        long_decimal = lambda x, q: re.fullmatch(r"-?\d*\.\d{12,}", x) and q.denominator > 1
+        if a != b and (long_decimal(p, b) or long_decimal(r, a)):  # 0.0833333333333333 for 1/12
+            return abs(a - b) <= Fraction(1, 10**12) * abs(b)
         return a == b  # exact: 44851 != 44850, 1/2^98 != 1/2^99
     if (a is None) != (b is None) and re.fullmatch(r"[A-Za-z() ]+", p + r if a is None else r):
         return False
     if re.fullmatch(r"[A-Za-z() ]+", p) and re.fullmatch(r"[A-Za-z() ]+", r):
         return p.lower() == r.lower()  # text answers: "Yes" == "yes"
-    ineq = lambda x: bool(re.search(r"\\[lg]eq?\b|[<>]|\\ne\b", x))
-    if ineq(p) != ineq(r) or ("=" in p) != ("=" in r):  # an equation is not a value
-        return False  # math-verify turns "x \ge 5" into an interval equal to "(5, \infty)", "y=2x" into "2x"
+    if (len(_split_top(p, "=")) > 1) != (len(_split_top(r, "=")) > 1):  # an equation is not a value
+        return False  # math-verify would compare "y=2x" with "2x"
     return _math_verify(p, r)
+
+
+def _strip_label(p, r):
+    """x = 3 vs 3 -> 3, 3. The response's left sides go (its last side is its answer: 'a + b = 7' vs 7, 'x = 5+5+1 =
+    11' vs 11), except 'x^2 - 4 = 0' (an equation, not the value 0); the reference's only when it is a label ('k = 1'
+    vs 1, but '2x + z = 1' is not 1). Both labelled: their right sides. 'x = 1/3 \\approx 0.33': the exact part."""
+    approx = lambda x: re.sub(r"\s*\\approx.*$", "", x) if "=" in x else x.replace("\\approx", "=")
+    p, r = approx(p), approx(r)
+    sp, sr = _split_top(p, "="), _split_top(r, "=")  # top-level sides: not the = of \sum_{k=0}
+    if len(sp) > 1 and len(sr) > 1:
+        return (sp[-1], sr[-1]) if _is_label(sp[0]) and _is_label(sr[0]) else (p, r)
+    if len(sp) > 1 and not (sp[-1] == "0" and not (len(sp) == 2 and _is_label(sp[0]))):
+        return sp[-1], r
+    if len(sr) == 2 and _is_label(sr[0]):
+        return p, sr[1]
+    return p, r
 
 
 def grade(response: str, reference: str) -> bool:
@@ -766,7 +939,7 @@ def grade(response: str, reference: str) -> bool:
     works off the main thread (math-verify's signal-based timeouts are disabled)."""
     try:
         answer = extract_answer(response)
-        return answer is not None and _equivalent(answer, str(reference))
+        return answer is not None and _equivalent(answer, _reference_answer(reference))
     except Exception:  # a grader must not crash a training run: an unparseable answer is a wrong answer
         return False
 
