@@ -1,21 +1,18 @@
 """GRPO: Group Relative Policy Optimization, one readable file.
 
 Paper: Shao et al. 2024, "DeepSeekMath" (https://arxiv.org/abs/2402.03300), §4.1, Eq. 3 (objective) and Eq. 4
-(k3 KL estimator). Variants: Dr. GRPO (Liu et al. 2025, https://arxiv.org/abs/2503.20783: no std scaling,
-token-sum / constant) and DAPO (Yu et al. 2025, https://arxiv.org/abs/2503.14476: token-mean, clip-higher).
-
-For each prompt x sample G completions y_1..G from pi_old and score them (reward r_i). Then, for every token t
-of completion i:
-    A_i     = (r_i - mean(r_1..G)) / (std(r_1..G) + eps)          group-normalized advantage (Eq. 3, §4.1.2)
-    rho_t   = pi_theta(y_t | x, y_<t) / pi_old(y_t | x, y_<t)
+(k3 KL). Variants, as flags: Dr. GRPO (arXiv 2503.20783), DAPO (2503.14476: token-mean, clip-higher, §3.2 dynamic
+sampling), GSPO (2507.18071 §4.1), CISPO (MiniMax-M1, 2506.13585 §3.1 Eq. 4-5), RLOO (Ahmadian et al., 2402.14740).
+For each prompt x sample G completions y_1..G from pi_old and score them (r_i); for token t of completion i:
+    A_i     = (r_i - mean(r)) / (std(r) + eps)  (Eq. 3, §4.1.2)  rloo: r_i - mean_{j!=i} r_j = G/(G-1) (r_i - mean(r))
+    rho_t   = pi_theta(y_t | x, y_<t) / pi_old(y_t | x, y_<t)      gspo: s_i = exp(mean_t log rho_t) at every t
     l_t     = -min(rho_t * A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) * A_i) + beta * KL_t
+              cispo: -sg(min(rho_t, 1 + eps_high)) * A_i * log pi_theta(y_t | x, y_<t) + beta * KL_t
     KL_t    = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1             (k3, Eq. 4; unbiased and >= 0)
     loss    = aggregate(l_t)    grpo: mean over sequences of each sequence's token-mean (DeepSeekMath Eq. 3)
-                                dapo: token-mean over the whole generation batch (TRL >= 0.22 default)
+                                dapo (and cispo): token-mean over the whole generation batch (TRL >= 0.22 default)
                                 dr_grpo: token-sum / (num sequences * max_new_tokens)
-With mu = 1 (one update per generation batch) rho = 1 and the loss value is ~0 at every step while its
-gradient is not: it is -A * grad log pi, a policy gradient with the group mean as baseline.
-
+With mu = 1 rho = 1: the loss value is ~0 but its gradient is -A grad log pi (policy gradient, group-mean baseline).
     python grpo.py                                   # embedded SmolLM2-135M-Instruct, built-in arithmetic, CPU
     python grpo.py --model Qwen/Qwen2.5-Math-1.5B --dataset HuggingFaceH4/MATH-500 --fewshot 0 \
         --max-new-tokens 1024 --lr 1e-6 --prompts-per-step 16 --gradient-checkpointing   # one GPU, network
@@ -34,12 +31,16 @@ from tqdm import tqdm
 import common
 
 ALGO = "grpo"
+CONSOLE_FIELDS = [("reward", "reward", ".3f"), ("frac_zero_std", "zero-std", ".2f"), ("completion_len", "len", ".1f"),
+                  ("truncated", "trunc", ".2f"), ("entropy", "H", ".3f"), ("kl", "kl", ".4f"),
+                  ("clip_frac", "clip", ".3f"), ("grad_norm", "gnorm", ".3f"), ("gen_time", "gen s", ".1f"),
+                  ("train_time", "train s", ".1f")]  # the console line of a step: (key, label, format)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    # model / data (shared flags: the same meaning in every script of the suite)
+    # model / data / sampling (shared flags: the same meaning in every script of the suite)
     p.add_argument("--model", default=common.DEFAULT_MODEL, help="hub id, local dir, .gguf file, or 'smollm2'")
     p.add_argument("--dataset", default="arith", help="'arith[:add|sub|mul[:DIGITS]]', a local file, or a hub id")
     p.add_argument("--eval-dataset", default=None, help="held-out problems (default: test split, else every 10th row)")
@@ -53,19 +54,22 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "pure-bfloat16"],
                    help="auto/bfloat16: fp32 master weights + bf16 autocast; pure-bfloat16: bf16 weights (warns)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute decoder layers in the backward")
-    # sampling
     p.add_argument("--steps", type=int, default=40, help="generation batches (each followed by --mu updates)")
     p.add_argument("--prompts-per-step", type=int, default=4, help="prompts per generation batch")
     p.add_argument("--num-generations", type=int, default=8, help="G: completions sampled per prompt (>= 2)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="completion length cap")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (log-probs use logits / T)")
-    # GRPO
-    p.add_argument("--loss-type", default="dapo", choices=["grpo", "dapo", "dr_grpo"], help="loss aggregation")
+    p.add_argument("--dynamic-sampling", action="store_true", help="DAPO: draw groups until P have reward variance")
+    p.add_argument("--max-resample", type=int, default=None, help="most groups drawn per step (default: 3 x P)")
+    # GRPO and its variants
+    p.add_argument("--loss-type", default="dapo", choices=["grpo", "dapo", "dr_grpo", "cispo"], help="see above")
+    p.add_argument("--importance-sampling-level", default="token", choices=["token", "sequence"], help="GSPO: sequence")
+    p.add_argument("--advantage", default="group", choices=["group", "rloo"], help="rloo: leave-one-out baseline")
     p.add_argument("--no-std-scaling", action="store_true", help="A = r - mean(r), no std division (Dr. GRPO)")
     p.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient against the frozen start model")
     p.add_argument("--log-kl", action="store_true", help="keep the start model to log the KL even with beta 0")
-    p.add_argument("--epsilon", type=float, default=0.2, help="clip epsilon_low")
-    p.add_argument("--epsilon-high", type=float, default=None, help="clip epsilon_high (default: --epsilon)")
+    p.add_argument("--epsilon", type=float, default=None, help="clip epsilon_low (default 0.2; sequence level: 3e-4)")
+    p.add_argument("--epsilon-high", type=float, default=None, help="clip epsilon_high (default --epsilon or as low)")
     p.add_argument("--mu", type=int, default=1, help="optimizer updates per generation batch (pi_old frozen)")
     # optimization
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (constant after warm-up)")
@@ -82,12 +86,15 @@ def parse_args(argv=None):
     p.add_argument("--save-dtype", default=None, choices=["float32", "bfloat16"], help="saved weights (default: fp32)")
     args = p.parse_args(argv)
     common.check_args(p, args, at_least_one=("steps", "prompts_per_step", "max_new_tokens", "mu", "eval_size",
-                                      "eval_batch_size", "micro_batch_prompts"),
-               positive=("lr", "temperature", "epsilon", "epsilon_high", "max_grad_norm"),
-               non_negative=("beta", "warmup_steps", "weight_decay", "eval_every"))
+                                             "eval_batch_size", "micro_batch_prompts", "max_resample"),
+                      positive=("lr", "temperature", "epsilon", "epsilon_high", "max_grad_norm"),
+                      non_negative=("beta", "warmup_steps", "weight_decay", "eval_every"))
     if args.num_generations < 2:
         p.error("--num-generations must be >= 2: group-normalized advantages need two samples per prompt")
-    args.epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
+    P = args.prompts_per_step  # the bound on the groups drawn per step: P without dynamic sampling
+    args.max_resample = (args.max_resample or 3 * P) if args.dynamic_sampling else P
+    low, high = (3e-4, 4e-4) if args.importance_sampling_level == "sequence" else (0.2, 0.2)  # GSPO v2 §5.1, as TRL
+    args.epsilon, args.epsilon_high = args.epsilon or low, args.epsilon_high or args.epsilon or high
     return args
 
 
@@ -255,44 +262,43 @@ def stop_if_not_finite(value, what, step, run_dir):
 # ----------------------------------------------------------------------------------------------------------
 # GRPO (algorithm logic)
 # ----------------------------------------------------------------------------------------------------------
-def group_advantages(rewards, num_generations, scale_std=True, eps=1e-4):
-    """rewards (P*G,) -> advantages (P*G,): r - group mean, divided by the group's unbiased std + eps (TRL's
-    eps 1e-4) unless scale_std is False (Dr. GRPO). Zero-variance groups get advantage 0."""
-    r = rewards.view(-1, num_generations)
+def group_advantages(rewards, num_generations, scale_std=True, eps=1e-4, leave_one_out=False):
+    """rewards (P*G,) -> advantages (P*G,): r - group mean, / (the group's unbiased std + eps, TRL's 1e-4) unless
+    scale_std is False (Dr. GRPO); leave_one_out: RLOO (after Kool et al. 2019), never std-scaled. Ties: A = 0."""
+    r, G = rewards.view(-1, num_generations), num_generations
+    if leave_one_out:
+        return (r - (r.sum(1, keepdim=True) - r) / (G - 1)).view(-1)
     adv = r - r.mean(1, keepdim=True)
-    if scale_std:
-        adv = adv / (r.std(1, keepdim=True) + eps)
-    return adv.view(-1)
+    return (adv / (r.std(1, keepdim=True) + eps) if scale_std else adv).view(-1)
 
 
 def grpo_loss(logprobs, old_logprobs, advantages, mask, loss_type="dapo", eps_low=0.2, eps_high=0.2,
-              beta=0.0, ref_logprobs=None, num_seqs=None, num_tokens=None, max_len=None):
-    """Clipped surrogate + beta * k3 KL, aggregated per `loss_type`. logprobs/old/ref/mask: (B, T); advantages:
-    (B,). num_seqs / num_tokens / max_len are the normalizers of the WHOLE generation batch (default: this
-    batch), so summing the losses of micro-batches gives exactly the full-batch loss and gradient."""
-    num_seqs = mask.shape[0] if num_seqs is None else num_seqs
-    num_tokens = mask.sum() if num_tokens is None else num_tokens
-    max_len = mask.shape[1] if max_len is None else max_len
-    ratio = torch.exp(logprobs - old_logprobs)
-    adv = advantages[:, None]
-    per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
+              beta=0.0, ref_logprobs=None, num_seqs=None, num_tokens=None, max_len=None, sequence_level=False):
+    """Clipped surrogate (or cispo's term) + beta * k3 KL, aggregated per `loss_type`; equations above; GSPO's s_i is
+    broadcast to its tokens (as TRL). logprobs/old/ref/mask: (B, T); advantages: (B,). num_seqs / num_tokens /
+    max_len are the WHOLE generation batch's (default: this batch's): micro-batch losses sum to the full batch's."""
+    num_seqs, num_tokens, max_len = num_seqs or mask.shape[0], num_tokens or mask.sum(), max_len or mask.shape[1]
+    log_ratio = logprobs - old_logprobs
+    if sequence_level:  # (B, 1): one ratio per sequence, padding excluded
+        log_ratio = (log_ratio * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
+    ratio, adv = torch.exp(log_ratio), advantages[:, None]
+    if loss_type == "cispo":
+        per_token = -torch.clamp(ratio, max=1 + eps_high).detach() * adv * logprobs
+        clipped = ratio > 1 + eps_high
+    else:
+        per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
+        clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
     kl = None
     if ref_logprobs is not None:
         d = ref_logprobs - logprobs
         kl = torch.exp(d) - d - 1  # k3: pi_ref/pi - log(pi_ref/pi) - 1
         per_token = per_token + beta * kl
-    if loss_type == "grpo":
+    if loss_type == "grpo":  # each sequence's token-mean, then the mean over sequences
         loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / num_seqs
-    elif loss_type == "dapo":
-        loss = (per_token * mask).sum() / num_tokens
-    elif loss_type == "dr_grpo":
-        loss = (per_token * mask).sum() / (num_seqs * max_len)
-    else:
-        raise ValueError(f"unknown loss_type {loss_type}")
-    with torch.no_grad():  # diagnostics: fraction of tokens where the clipped branch is the active one
-        clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
-        stats = {"clip_frac_sum": float((clipped.float() * mask).sum()),
-                 "kl_sum": float((kl * mask).sum()) if kl is not None else 0.0}
+    else:  # dapo, cispo: token-mean over the batch; dr_grpo: token-sum / a constant
+        loss = (per_token * mask).sum() / (num_seqs * max_len if loss_type == "dr_grpo" else num_tokens)
+    stats = {"clip_frac_sum": float((clipped.float() * mask).sum()),  # tokens where a clip (cispo: the bound) acts
+             "kl_sum": float((kl.detach() * mask).sum()) if kl is not None else 0.0}
     return loss, stats
 
 
@@ -304,17 +310,15 @@ def evaluate(model, tokenizer, prompts, records, args, eos_ids, autocast, step, 
     t0, results, shown = time.perf_counter(), {}, {}
     generator = torch.Generator(model.device).manual_seed(args.seed + 1)
     for name, temperature in (("accuracy", 0.0), ("sampled_accuracy", args.temperature)):
-        correct, samples = 0, []
+        samples = []
         for i in range(0, len(prompts), args.eval_batch_size):
             ids, mask = common.tokenize_prompts(tokenizer, prompts[i:i + args.eval_batch_size], model.device)
             with autocast():
                 out, lens = generate(model, ids, mask, 1, args.max_new_tokens, temperature, eos_ids, generator)
-            for text, rec in zip(common.decode(tokenizer, out, lens), records[i:i + args.eval_batch_size]):
-                ok = common.grade(text, rec["answer"])
-                correct += ok
-                samples.append({"question": rec["question"], "answer": rec["answer"], "completion": text,
-                                "correct": ok})
-        results[f"eval/{name}"], shown[name] = correct / len(prompts), samples[:4]
+            samples += [dict(question=rec["question"], answer=rec["answer"], completion=text,
+                             correct=common.grade(text, rec["answer"]))
+                        for text, rec in zip(common.decode(tokenizer, out, lens), records[i:i + args.eval_batch_size])]
+        results[f"eval/{name}"], shown[name] = sum(s["correct"] for s in samples) / len(prompts), samples[:4]
     log_step(metrics_file, {"step": step, **results, "eval/time": round(time.perf_counter() - t0, 2)})
     with open(run_dir / "samples.jsonl", "a") as f:
         f.write(json.dumps({"step": step, "greedy": shown["accuracy"], "sampled": shown["sampled_accuracy"]}) + "\n")
@@ -337,47 +341,52 @@ def main(argv=None):
     test_prompts, reward_fn = [prompt_of(r) for r in test], common.load_reward_fn(args.reward_fn)
     model = common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing)
     model.eval()  # no dropout: pi_old and pi_theta must be the same function of the weights
-    # the frozen start model: in the loss when beta > 0, for the logged KL with --log-kl
-    ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta or args.log_kl else None
+    ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta or args.log_kl else None  # frozen start
     eos_ids = common.stop_token_ids(tokenizer, model)
     common.check_context_length(model, 0, args.max_new_tokens)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / max(1, args.warmup_steps)))
     for param in model.parameters():  # zero (not None) grads: an update whose groups were all skipped (below)
         param.grad = torch.zeros_like(param)  # still steps AdamW with a zero gradient, as the full batch would
-    generator = torch.Generator(device).manual_seed(args.seed)
-    data_rng, order = random.Random(args.seed), []
-    metrics_file, G = open(run_dir / "metrics.jsonl", "w"), args.num_generations
+    generator, data_rng, order = torch.Generator(device).manual_seed(args.seed), random.Random(args.seed), []
+    metrics_file, G, P = open(run_dir / "metrics.jsonl", "w"), args.num_generations, args.prompts_per_step
+    sequence_level = args.importance_sampling_level == "sequence"  # GSPO
     print(f"{ALGO}: {len(train)} train / {len(test)} eval problems, {len(fewshot)}-shot, model {args.model} on "
           f"{device} (weights {weight_dtype}, autocast {autocast_dtype}), output {run_dir}")
     before = evaluate(model, tokenizer, test_prompts, test, args, eos_ids, autocast, 0, run_dir, metrics_file)
     zero_std_streak, warned_truncated = 0, False
     for step in tqdm(range(1, args.steps + 1), desc=ALGO, dynamic_ncols=True):
-        t_step = time.perf_counter()
-        # ---- 1. sample G completions for each of P prompts ---------------------------------------------------
-        batch = common.next_batch(train, order, data_rng, args.prompts_per_step)
-        prompts = [prompt_of(r) for r in batch]
-        prompt_ids, prompt_mask = common.tokenize_prompts(tokenizer, prompts, device)  # (P, Lp)
-        common.check_context_length(model, prompt_ids.shape[1], args.max_new_tokens)
-        with autocast():
-            completion_ids, lens = generate(model, prompt_ids, prompt_mask, G, args.max_new_tokens,
-                                            args.temperature, eos_ids, generator)  # (P*G, T)
-        mask = completion_mask_from_lens(lens, completion_ids.shape[1])  # (P*G, T)
-        gen_time = time.perf_counter() - t_step
-        # ---- 2. rewards and group-normalized advantages -------------------------------------------------------
-        rewards = torch.tensor(common.compute_rewards(reward_fn, [p for p in prompts for _ in range(G)],
-                                                      common.decode(tokenizer, completion_ids, lens),
-                                                      [r for r in batch for _ in range(G)]), device=device)  # (P*G,)
-        advantages = group_advantages(rewards, G, scale_std=not args.no_std_scaling)  # (P*G,)
-        group_std = rewards.view(-1, G).std(1)  # (P,)
-        # Groups with equal rewards have A = 0: with beta = 0 they add exactly zero gradient, so we skip their
-        # forward/backward (the loss normalizers below still count them, so the update is unchanged).
-        rows = [i for i in range(len(lens)) if args.beta or group_std[i // G] > 0]
+        # ---- 1. sample G completions for each of P prompts, grade them; --dynamic-sampling (DAPO §3.2): draw the
+        # shortfall again until P groups have reward variance or --max-resample groups were drawn -------------
+        t_step, batch, parts, kept = time.perf_counter(), [], [], 0  # kept: groups to train on
+        while kept < P and len(batch) < args.max_resample:
+            new = common.next_batch(train, order, data_rng, min(P - kept, args.max_resample - len(batch)))
+            prompt_ids, prompt_mask = common.tokenize_prompts(tokenizer, prompts := [prompt_of(r) for r in new], device)
+            common.check_context_length(model, prompt_ids.shape[1], args.max_new_tokens)
+            with autocast():
+                ids, lens = generate(model, prompt_ids, prompt_mask, G, args.max_new_tokens, args.temperature,
+                                     eos_ids, generator)  # (n*G, T)
+            rewards = common.compute_rewards(reward_fn, [p for p in prompts for _ in range(G)],
+                                             common.decode(tokenizer, ids, lens), [r for r in new for _ in range(G)])
+            parts, batch = parts + [(ids, lens, torch.tensor(rewards, device=device))], batch + new
+            kept += int((parts[-1][2].view(-1, G).std(1) > 0).sum()) if args.dynamic_sampling else len(new)
+        if kept < P:
+            tqdm.write(f"warning: step {step}: only {kept}/{P} groups with reward variance in {len(batch)} drawn")
+        prompt_ids, prompt_mask = common.tokenize_prompts(tokenizer, [prompt_of(r) for r in batch], device)  # (N, Lp)
+        completion_ids = torch.nn.utils.rnn.pad_sequence([row for p in parts for row in p[0]], True, eos_ids[0])
+        lens, rewards = (torch.cat([part[k] for part in parts]) for k in (1, 2))  # (N*G,); ids (N*G, T) EOS-padded
+        mask = completion_mask_from_lens(lens, completion_ids.shape[1])  # (N*G, T)
+        gen_time = time.perf_counter() - t_step  # ---- 2. advantages ---------------------------------------------
+        advantages = group_advantages(rewards, G, not args.no_std_scaling, leave_one_out=args.advantage == "rloo")
+        group_std = rewards.view(-1, G).std(1)  # (N,)
+        # Groups with equal rewards have A = 0: with beta = 0 they add exactly zero gradient, so we skip their forward/
+        # backward (the loss normalizers still count them: the update is unchanged). Dynamic sampling drops them.
+        counted = [i for i in range(len(lens)) if not args.dynamic_sampling or group_std[i // G] > 0]
+        rows = [i for i in counted if args.beta or group_std[i // G] > 0]
         updates = [rows] * args.mu  # GRPO: mu passes over the whole generation batch (DeepSeekMath Alg. 1)
-        norms = dict(num_seqs=len(lens), num_tokens=mask.sum(), max_len=args.max_new_tokens)
+        norms = dict(num_seqs=len(counted), num_tokens=mask[counted].sum(), max_len=args.max_new_tokens)
         # ---- 3. frozen log-probs: pi_old when there is more than one update, pi_ref for the KL ---------------
-        t_train = time.perf_counter()
-        frozen = (prompt_ids, prompt_mask, completion_ids, args.temperature, autocast)
+        t_train, frozen = time.perf_counter(), (prompt_ids, prompt_mask, completion_ids, args.temperature, autocast)
         batches = micro_batches(rows, G, args.micro_batch_prompts, lens)
         old_logprobs = frozen_logprobs(model, batches, *frozen)[0] if len(updates) > 1 else None
         ref_logprobs = frozen_logprobs(ref_model, batches, *frozen)[0] if ref_model is not None else None
@@ -392,7 +401,7 @@ def main(argv=None):
                 old = logprobs.detach() if k == 0 else old_logprobs[r, :T]  # before the first update pi_theta = pi_old
                 ref = ref_logprobs[r, :T] if ref_logprobs is not None else None
                 loss, s = grpo_loss(logprobs, old, advantages[r], mask[r, :T], args.loss_type, args.epsilon,
-                                    args.epsilon_high, args.beta, ref, **norms)
+                                    args.epsilon_high, args.beta, ref, **norms, sequence_level=sequence_level)
                 stop_if_not_finite(loss.item(), "the loss", step, run_dir)
                 loss.backward()  # accumulates: the sum over micro-batches is the full-batch gradient
                 s.update(loss=loss.item() / len(updates), entropy_sum=float((entropy.detach() * mask[r, :T]).sum()),
@@ -404,37 +413,28 @@ def main(argv=None):
             optimizer.step()
             scheduler.step()
         train_time, step_time = time.perf_counter() - t_train, time.perf_counter() - t_step
-        # ---- 5. log, evaluate, save ---------------------------------------------------------------------------
-        n_tok = stats["tokens"] or None
+        n_tok = stats["tokens"]  # ---- 5. log, evaluate, save: loss keys are means over the tokens trained --------
+        per_token = {k: stats[f"{k}_sum"] / n_tok if n_tok else None for k in ("entropy", "kl", "clip_frac")}
         record = {"step": step, "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
-                  "correct": float((rewards > 0).float().mean()),
-                  "frac_zero_std": float((group_std == 0).float().mean()),
+                  "correct": float((rewards > 0).float().mean()), "groups_drawn": len(batch),
+                  "groups_dropped": len(batch) - len(counted) // G, "samples_used": len(rows),
+                  "frac_zero_std": float((group_std == 0).float().mean()), "updates": len(updates),
                   "truncated": float(truncated_rows(completion_ids, lens, eos_ids).float().mean()),
-                  "completion_len": float(lens.float().mean()), "samples_used": len(rows),
-                  "tokens_used": int(stats["tokens"]), "updates": len(updates),
-                  "entropy": stats["entropy_sum"] / n_tok if n_tok else None,
-                  "kl": stats["kl_sum"] / n_tok if n_tok and ref_model is not None else None,
-                  "clip_frac": stats["clip_frac_sum"] / n_tok if n_tok else None,
-                  "loss": stats["loss"], "grad_norm": stats["grad_norm"], "lr": scheduler.get_last_lr()[0],
-                  "gen_time": round(gen_time, 3), "train_time": round(train_time, 3), "step_time": round(step_time, 3),
+                  "completion_len": float(lens.float().mean()), "tokens_used": int(stats["tokens"]),
+                  **per_token, "kl": per_token["kl"] if ref_model is not None else None, "loss": stats["loss"],
+                  "grad_norm": stats["grad_norm"], "lr": scheduler.get_last_lr()[0], "gen_time": round(gen_time, 3),
+                  "train_time": round(train_time, 3), "step_time": round(step_time, 3),
                   "tokens_per_s": round(float(lens.sum()) / step_time, 1)}
-        log_step(metrics_file, record, [("reward", "reward", ".3f"), ("frac_zero_std", "zero-std", ".2f"),
-                                        ("completion_len", "len", ".1f"), ("truncated", "trunc", ".2f"),
-                                        ("entropy", "H", ".3f"), ("kl", "kl", ".4f"), ("clip_frac", "clip", ".3f"),
-                                        ("grad_norm", "gnorm", ".3f"), ("gen_time", "gen s", ".1f"),
-                                        ("train_time", "train s", ".1f")])
+        log_step(metrics_file, record, CONSOLE_FIELDS)
         zero_std_streak = zero_std_streak + 1 if record["frac_zero_std"] == 1.0 else 0
         if zero_std_streak == 3:  # printed once per streak
-            tqdm.write("warning: every group has had zero reward variance for 3 steps: no learning signal. The task is "
-                       "too hard/easy for this model; try --fewshot, a higher --temperature or more --num-generations.")
+            tqdm.write("warning: 3 steps with zero reward variance in every group: no learning signal (see --fewshot)")
         if record["truncated"] > 0.5 and not warned_truncated:
             warned_truncated = True
-            tqdm.write(f"warning: {record['truncated']:.0%} of completions hit --max-new-tokens {args.max_new_tokens}; "
-                       "truncated answers usually score 0: consider raising it.")
+            tqdm.write(f"warning: {record['truncated']:.0%} of completions hit --max-new-tokens: consider raising it")
         if args.eval_every and step % args.eval_every == 0 and step != args.steps:
             evaluate(model, tokenizer, test_prompts, test, args, eos_ids, autocast, step, run_dir, metrics_file)
             common.save_model(model, tokenizer, run_dir, args)
-
     after = evaluate(model, tokenizer, test_prompts, test, args, eos_ids, autocast, args.steps, run_dir, metrics_file)
     common.save_model(model, tokenizer, run_dir, args)
     metrics_file.close()

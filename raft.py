@@ -1,25 +1,20 @@
 """RAFT and RAFT++: rejection-sampling fine-tuning, plain or with importance sampling and clipping, one readable file.
 
 Paper: Xiong et al. 2025, "A Minimalist Approach to LLM Reasoning: from Rejection Sampling to Reinforce"
-(https://arxiv.org/abs/2504.11343, v2), §3 Eq. 1 (RAFT, after Dong et al. 2023, https://arxiv.org/abs/2304.06767)
-and Eq. 6 (RAFT++). Released code: RLHFlow/Minimal-RL, core_algos.py `compute_raft_outcome_advantage`, dp_actor.py
-`policy_loss` = vanilla (RAFT) / plusplus (RAFT++).
-
-For each prompt x sample G completions y_1..G from pi_old and score them (reward r_i). Then, for every token t
-of completion i in the accepted set D = {i: A_i > 0} (wrong samples are dropped: in neither |D| nor any count):
-    A_i     = max(r_i, 0)       r_i = +1 if correct, else --incorrect-reward <= 0 (the paper: -1; the code's clamp)
+(https://arxiv.org/abs/2504.11343, v2), §3 Eq. 1 (RAFT, after Dong et al. 2023) and Eq. 6 (RAFT++). Released code:
+RLHFlow/Minimal-RL (`compute_raft_outcome_advantage`; `policy_loss` vanilla = RAFT, plusplus = RAFT++).
+For each prompt x sample G completions y_1..G from pi_old and score them (r_i); for token t of completion i
+in the accepted set D = {i: A_i > 0} (wrong samples are dropped: in neither |D| nor any token count):
+    A_i     = max(r_i, 0)       r_i = +1 if correct, else --incorrect-reward <= 0 (paper: -1); the code's clamp
     rho_t   = pi_theta(y_t | x, y_<t) / pi_old(y_t | x, y_<t)
-    l_t     = -min(rho_t * A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) * A_i) + beta * KL_t     RAFT++ (Eq. 6)
-    l_t     = -A_i * log pi_theta(y_t | x, y_<t) + beta * KL_t          RAFT (Eq. 1, --no-clip): SFT on D
-    KL_t    = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1             (k3; a released-code extra, beta = 0 here)
-    loss    = aggregate(l_t)    grpo: mean over D of each sequence's token-mean (the paper's Eq. 6; default)
+    l_t     = -min(rho_t * A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) * A_i) + beta * KL_t
+              raft (--no-clip, Eq. 1; RAFT++ is Eq. 6): -A_i * log pi_theta(y_t | x, y_<t) + beta * KL_t: SFT on D
+    KL_t    = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1             (k3; a released-code extra, as --entropy-coef)
+    loss    = aggregate(l_t)    grpo: mean over D of each sequence's token-mean (the paper; default)
                                 dapo: token-mean over the mini-batch (the released code)
-D is split into --num-minibatches updates with pi_old frozen across them, so from the second on rho != 1 and the
-clip acts. At rho = 1 the RAFT++ gradient is A * grad log pi: with one update per batch RAFT++ is RAFT exactly.
-
-    python raft.py                                    # RAFT++, embedded SmolLM2-135M-Instruct, arithmetic, CPU
-    python raft.py --no-clip                          # plain RAFT (NLL on the accepted samples)
-    python raft.py --loss-type dapo --beta 0.001 --entropy-coef 0.001   # the released code's loss
+D is cut into --num-minibatches updates, pi_old frozen across them: rho = 1 in the first (its gradient is RAFT's).
+    python raft.py                                   # RAFT++, embedded SmolLM2-135M-Instruct, arithmetic, CPU
+    python raft.py --no-clip                         # plain RAFT: SFT on the model's own correct answers
 """
 import argparse
 import copy
@@ -35,12 +30,16 @@ from tqdm import tqdm
 import common
 
 ALGO = "raft"
+CONSOLE_FIELDS = [("reward", "reward", ".3f"), ("correct", "acc", ".2f"), ("completion_len", "len", ".1f"),
+                  ("truncated", "trunc", ".2f"), ("entropy", "H", ".3f"), ("nll", "nll", ".3f"),
+                  ("clip_frac", "clip", ".3f"), ("grad_norm", "gnorm", ".3f"), ("gen_time", "gen s", ".1f"),
+                  ("train_time", "train s", ".1f")]  # the console line of a step: (key, label, format)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    # model / data (shared flags: the same meaning in every script of the suite)
+    # model / data / sampling (shared flags: the same meaning in every script of the suite)
     p.add_argument("--model", default=common.DEFAULT_MODEL, help="hub id, local dir, .gguf file, or 'smollm2'")
     p.add_argument("--dataset", default="arith", help="'arith[:add|sub|mul[:DIGITS]]', a local file, or a hub id")
     p.add_argument("--eval-dataset", default=None, help="held-out problems (default: test split, else every 10th row)")
@@ -54,15 +53,13 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "pure-bfloat16"],
                    help="auto/bfloat16: fp32 master weights + bf16 autocast; pure-bfloat16: bf16 weights (warns)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute decoder layers in the backward")
-    # sampling
     p.add_argument("--steps", type=int, default=40, help="generation batches (each: --num-minibatches updates)")
     p.add_argument("--prompts-per-step", type=int, default=4, help="prompts per generation batch")
     p.add_argument("--num-generations", type=int, default=8, help="G: completions sampled per prompt (paper: 4)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="completion length cap")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (log-probs use logits / T)")
     # RAFT / RAFT++
-    p.add_argument("--loss-type", default="grpo", choices=["grpo", "dapo"],
-                   help="loss aggregation: grpo = seq-mean-token-mean (the paper), dapo = token-mean (released code)")
+    p.add_argument("--loss-type", default="grpo", choices=["grpo", "dapo"], help="grpo (the paper) or dapo (the code)")
     p.add_argument("--no-clip", action="store_true", help="plain RAFT: NLL of the accepted samples (default: RAFT++)")
     p.add_argument("--incorrect-reward", type=float, default=-1.0, help="reward of a wrong answer, <= 0 (paper: -1)")
     p.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient against the frozen start model")
@@ -87,10 +84,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     common.check_args(p, args, at_least_one=("steps", "prompts_per_step", "num_generations", "max_new_tokens",
                                              "num_minibatches", "eval_size", "eval_batch_size", "micro_batch_prompts"),
-               positive=("lr", "temperature", "epsilon", "epsilon_high", "max_grad_norm"),
-               non_negative=("beta", "entropy_coef", "warmup_steps", "weight_decay", "eval_every"))
-    if args.incorrect_reward > 0:
-        p.error(f"--incorrect-reward must be <= 0 (got {args.incorrect_reward}): wrong answers would be accepted")
+                      positive=("lr", "temperature", "epsilon", "epsilon_high", "max_grad_norm"),
+                      non_negative=("beta", "entropy_coef", "warmup_steps", "weight_decay", "eval_every"))
+    if not (math.isfinite(args.incorrect_reward) and args.incorrect_reward <= 0):
+        p.error(f"--incorrect-reward must be <= 0 (got {args.incorrect_reward}): a wrong answer would count as correct")
     args.epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
     return args
 
@@ -260,24 +257,20 @@ def stop_if_not_finite(value, what, step, run_dir):
 # RAFT / RAFT++ (algorithm logic)
 # ----------------------------------------------------------------------------------------------------------
 def raft_advantages(rewards):
-    """rewards (P*G,) -> advantages (P*G,) = max(r, 0) (the released code's clamp). With the paper's rewards (+1 / -1)
-    this is 1 on correct samples and 0 on wrong ones; only samples with A > 0 enter the loss (the accepted set D)."""
+    """rewards (P*G,) -> advantages (P*G,) = max(r, 0), the released code's clamp: 1 if correct, 0 if wrong."""
     return rewards.clamp(min=0)
 
 
 def raft_loss(logprobs, old_logprobs, advantages, mask, loss_type="grpo", eps_low=0.2, eps_high=0.2,
               beta=0.0, ref_logprobs=None, num_seqs=None, num_tokens=None, clip=True, entropy_coef=0.0, entropy=None):
-    """RAFT++ (clip=True): the clipped surrogate -min(rho * A, clip(rho) * A); RAFT (clip=False): -A * log pi (SFT on
-    D); + beta * k3 KL - entropy_coef * entropy. logprobs/old/ref/entropy/mask: (B, T) of ACCEPTED samples only;
-    advantages: (B,), > 0. num_seqs / num_tokens are the normalizers of the whole mini-batch (default: this batch),
-    so summing the losses of its micro-batches gives exactly the mini-batch loss and gradient."""
-    num_seqs = mask.shape[0] if num_seqs is None else num_seqs
-    num_tokens = mask.sum() if num_tokens is None else num_tokens
-    ratio = torch.exp(logprobs - old_logprobs)
-    adv = advantages[:, None]
+    """RAFT++ (clip): -min(rho * A, clip(rho) * A), RAFT: -A * log pi; + beta * k3 KL - entropy_coef * entropy; over
+    ACCEPTED rows (B, T), A (B,) > 0; num_seqs / num_tokens: the whole mini-batch's, so micro-batch losses sum to it."""
+    num_seqs, num_tokens = num_seqs or mask.shape[0], num_tokens or mask.sum()
+    ratio, adv = torch.exp(logprobs - old_logprobs), advantages[:, None]
     per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
+    clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
     if not clip:  # RAFT (Eq. 1): the NLL of the accepted samples, weighted by A (= 1 with the paper's rewards)
-        per_token = -adv * logprobs
+        per_token, clipped = -adv * logprobs, torch.zeros_like(clipped)  # and no clipped branch
     kl = None
     if ref_logprobs is not None:
         d = ref_logprobs - logprobs
@@ -285,18 +278,13 @@ def raft_loss(logprobs, old_logprobs, advantages, mask, loss_type="grpo", eps_lo
         per_token = per_token + beta * kl
     if entropy_coef:  # released code: - 0.001 * entropy (paper: none)
         per_token = per_token - entropy_coef * entropy
-    if loss_type == "grpo":
+    if loss_type == "grpo":  # each sequence's token-mean, then the mean over sequences
         loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / num_seqs
-    elif loss_type == "dapo":
+    else:  # dapo: token-mean over the mini-batch
         loss = (per_token * mask).sum() / num_tokens
-    else:
-        raise ValueError(f"unknown loss_type {loss_type}")
-    with torch.no_grad():  # diagnostics: fraction of tokens where the clipped branch is the active one
-        clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
-        clipped = clipped & clip  # RAFT has no clipped branch
-        stats = {"clip_frac_sum": float((clipped.float() * mask).sum()),
-                 "kl_sum": float((kl * mask).sum()) if kl is not None else 0.0,
-                 "nll_sum": float((-logprobs * mask).sum())}
+    stats = {"clip_frac_sum": float((clipped.float() * mask).sum()),  # tokens where the clip acts
+             "kl_sum": float((kl.detach() * mask).sum()) if kl is not None else 0.0,
+             "nll_sum": float((-logprobs.detach() * mask).sum())}
     return loss, stats
 
 
@@ -308,17 +296,15 @@ def evaluate(model, tokenizer, prompts, records, args, eos_ids, autocast, step, 
     t0, results, shown = time.perf_counter(), {}, {}
     generator = torch.Generator(model.device).manual_seed(args.seed + 1)
     for name, temperature in (("accuracy", 0.0), ("sampled_accuracy", args.temperature)):
-        correct, samples = 0, []
+        samples = []
         for i in range(0, len(prompts), args.eval_batch_size):
             ids, mask = common.tokenize_prompts(tokenizer, prompts[i:i + args.eval_batch_size], model.device)
             with autocast():
                 out, lens = generate(model, ids, mask, 1, args.max_new_tokens, temperature, eos_ids, generator)
-            for text, rec in zip(common.decode(tokenizer, out, lens), records[i:i + args.eval_batch_size]):
-                ok = common.grade(text, rec["answer"])
-                correct += ok
-                samples.append({"question": rec["question"], "answer": rec["answer"], "completion": text,
-                                "correct": ok})
-        results[f"eval/{name}"], shown[name] = correct / len(prompts), samples[:4]
+            samples += [dict(question=rec["question"], answer=rec["answer"], completion=text,
+                             correct=common.grade(text, rec["answer"]))
+                        for text, rec in zip(common.decode(tokenizer, out, lens), records[i:i + args.eval_batch_size])]
+        results[f"eval/{name}"], shown[name] = sum(s["correct"] for s in samples) / len(prompts), samples[:4]
     log_step(metrics_file, {"step": step, **results, "eval/time": round(time.perf_counter() - t0, 2)})
     with open(run_dir / "samples.jsonl", "a") as f:
         f.write(json.dumps({"step": step, "greedy": shown["accuracy"], "sampled": shown["sampled_accuracy"]}) + "\n")
@@ -328,8 +314,7 @@ def evaluate(model, tokenizer, prompts, records, args, eos_ids, autocast, step, 
 
 
 def main(argv=None):
-    # ---- setup: arguments, precision, data, models, optimizer -------------------------------------------------
-    args = parse_args(argv)
+    args = parse_args(argv)  # ---- setup: arguments, precision, data, models, optimizer ---------------------------
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = common.resolve_device(args.device)
@@ -339,69 +324,57 @@ def main(argv=None):
     tokenizer = common.load_tokenizer(args.model)
     train, test, fewshot = common.load_problems(args)
     prompt_of = lambda rec: common.build_prompt(tokenizer, rec["question"], fewshot, args.system_prompt)
-    test_prompts = [prompt_of(r) for r in test]
-    reward_fn = common.load_reward_fn(args.reward_fn)
+    test_prompts, reward_fn = [prompt_of(r) for r in test], common.load_reward_fn(args.reward_fn)
     model = common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing)
     model.eval()  # no dropout: pi_old and pi_theta must be the same function of the weights
-    # the frozen start model: in the loss when beta > 0, for the logged KL with --log-kl
-    ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta or args.log_kl else None
+    ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta or args.log_kl else None  # frozen start
     eos_ids = common.stop_token_ids(tokenizer, model)
     common.check_context_length(model, 0, args.max_new_tokens)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / max(1, args.warmup_steps)))
-    generator = torch.Generator(device).manual_seed(args.seed)
-    data_rng, order = random.Random(args.seed), []
-    metrics_file, G = open(run_dir / "metrics.jsonl", "w"), args.num_generations
+    generator, data_rng, order = torch.Generator(device).manual_seed(args.seed), random.Random(args.seed), []
+    metrics_file, G, P = open(run_dir / "metrics.jsonl", "w"), args.num_generations, args.prompts_per_step
     print(f"{ALGO}: {len(train)} train / {len(test)} eval problems, {len(fewshot)}-shot, model {args.model} on "
           f"{device} (weights {weight_dtype}, autocast {autocast_dtype}), output {run_dir}")
     before = evaluate(model, tokenizer, test_prompts, test, args, eos_ids, autocast, 0, run_dir, metrics_file)
     no_update_streak, warned_truncated, skipped_updates = 0, False, 0
     for step in tqdm(range(1, args.steps + 1), desc=ALGO, dynamic_ncols=True):
-        t_step = time.perf_counter()
-        # ---- 1. sample G completions for each of P prompts ---------------------------------------------------
-        batch = common.next_batch(train, order, data_rng, args.prompts_per_step)
-        prompts = [prompt_of(r) for r in batch]
-        prompt_ids, prompt_mask = common.tokenize_prompts(tokenizer, prompts, device)  # (P, Lp)
+        # ---- 1. sample G completions for each of P prompts, grade them (+1 / --incorrect-reward) --------------
+        t_step, batch = time.perf_counter(), common.next_batch(train, order, data_rng, P)
+        prompt_ids, prompt_mask = common.tokenize_prompts(tokenizer, prompts := [prompt_of(r) for r in batch], device)
         common.check_context_length(model, prompt_ids.shape[1], args.max_new_tokens)
         with autocast():
-            completion_ids, lens = generate(model, prompt_ids, prompt_mask, G, args.max_new_tokens,
-                                            args.temperature, eos_ids, generator)  # (P*G, T)
-        mask = completion_mask_from_lens(lens, completion_ids.shape[1])  # (P*G, T)
-        gen_time = time.perf_counter() - t_step
-        # ---- 2. rewards (+1 / --incorrect-reward), A = max(r, 0), the accepted set D = {A > 0} -------------------
+            completion_ids, lens = generate(model, prompt_ids, prompt_mask, G, args.max_new_tokens, args.temperature,
+                                            eos_ids, generator)  # (P*G, T)
         rewards = torch.tensor(common.compute_rewards(reward_fn, [p for p in prompts for _ in range(G)],
                                                       common.decode(tokenizer, completion_ids, lens),
                                                       [r for r in batch for _ in range(G)]), device=device)  # (P*G,)
-        correct = rewards > 0  # math grading returns 1/0; a custom reward counts as correct when > 0 and is used as is
-        rewards = rewards if args.reward_fn else torch.where(correct, 1.0, args.incorrect_reward)
-        advantages = raft_advantages(rewards)  # (P*G,)
-        accepted = (advantages > 0).view(-1, G).sum(1)  # (P,) accepted samples per prompt
+        rewards = rewards if args.reward_fn else torch.where(rewards > 0, 1.0, args.incorrect_reward)  # paper: +1/-1
+        mask = completion_mask_from_lens(lens, completion_ids.shape[1])  # (P*G, T)
+        gen_time = time.perf_counter() - t_step  # ---- 2. advantages ---------------------------------------------
+        advantages = raft_advantages(rewards)  # (P*G,): A = max(r, 0); the accepted set D = {A > 0}
         rows = [i for i in range(len(lens)) if advantages[i] > 0]  # D: wrong samples are dropped, not zeroed
-        n_mb = min(args.num_minibatches, len(rows))
-        # RAFT++: D is cut into mini-batches, one update each (the paper's / released code's mini-batch updates)
+        n_mb = min(args.num_minibatches, len(rows))  # RAFT++ paper: one update per mini-batch of D
         updates = [rows[k * len(rows) // n_mb:(k + 1) * len(rows) // n_mb] for k in range(n_mb)]
-        # ---- 3. frozen log-probs: pi_old (over every sample, also for entropy_sampled), pi_ref for the KL -------
-        t_train = time.perf_counter()
-        frozen = (prompt_ids, prompt_mask, completion_ids, args.temperature, autocast)
-        batches = micro_batches(rows, G, args.micro_batch_prompts, lens)
-        # wrong samples included so entropy_sampled is not biased towards D (paper §4: RAFT++'s entropy collapses)
-        old_logprobs, sampled_entropy = frozen_logprobs(
-            model, micro_batches(range(len(lens)), G, args.micro_batch_prompts, lens), *frozen)
+        # ---- 3. frozen log-probs: pi_old over every sample (wrong ones too: entropy_sampled), pi_ref for the KL --
+        t_train, frozen = time.perf_counter(), (prompt_ids, prompt_mask, completion_ids, args.temperature, autocast)
+        batches = micro_batches(range(len(lens)), G, args.micro_batch_prompts, lens)
+        old_logprobs, sampled_entropy = frozen_logprobs(model, batches, *frozen)  # paper: RAFT++'s entropy collapses
         ref_logprobs = frozen_logprobs(ref_model, batches, *frozen)[0] if ref_model is not None else None
         # ---- 4. optimizer updates ---------------------------------------------------------------------------
         stats = dict.fromkeys(("loss", "clip_frac_sum", "kl_sum", "nll_sum", "entropy_sum", "tokens", "grad_norm"), 0.0)
         for k, update_rows in enumerate(updates):
             optimizer.zero_grad(set_to_none=False)
-            norms = dict(num_seqs=len(update_rows), num_tokens=mask[update_rows].sum())  # this mini-batch's |D|, tokens
             for ps, prompt_index, r, T in micro_batches(update_rows, G, args.micro_batch_prompts, lens):
                 with autocast():
-                    logprobs, entropy = completion_logprobs(model, prompt_ids[ps], prompt_mask[ps], completion_ids[r, :T],
-                                                            prompt_index, args.temperature, args.entropy_coef > 0)
+                    logprobs, entropy = completion_logprobs(model, prompt_ids[ps], prompt_mask[ps],
+                                                            completion_ids[r, :T], prompt_index, args.temperature,
+                                                            entropy_grad=args.entropy_coef > 0)
                 old = logprobs.detach() if k == 0 else old_logprobs[r, :T]  # before the first update pi_theta = pi_old
                 ref = ref_logprobs[r, :T] if ref_logprobs is not None else None
                 loss, s = raft_loss(logprobs, old, advantages[r], mask[r, :T], args.loss_type, args.epsilon,
-                                    args.epsilon_high, args.beta, ref, **norms, clip=not args.no_clip,
-                                    entropy_coef=args.entropy_coef, entropy=entropy)
+                                    args.epsilon_high, args.beta, ref, len(update_rows), mask[update_rows].sum(),
+                                    not args.no_clip, args.entropy_coef, entropy)  # normalizers: this mini-batch's
                 stop_if_not_finite(loss.item(), "the loss", step, run_dir)
                 loss.backward()  # accumulates: the sum over micro-batches is the mini-batch gradient
                 s.update(loss=loss.item() / len(updates), entropy_sum=float((entropy.detach() * mask[r, :T]).sum()),
@@ -412,48 +385,38 @@ def main(argv=None):
             stats["grad_norm"] += grad_norm / len(updates)
             optimizer.step()
             scheduler.step()
-        skipped_updates += not updates  # D empty (nothing correct): no update at all, not a zero-gradient step
+        if not updates:  # D is empty (nothing correct): no update at all, not a zero-gradient AdamW step
+            skipped_updates, stats["loss"], stats["grad_norm"] = skipped_updates + 1, None, None
         train_time, step_time = time.perf_counter() - t_train, time.perf_counter() - t_step
-        # ---- 5. log, evaluate, save ---------------------------------------------------------------------------
-        n_tok = stats["tokens"] or None
+        n_tok = stats["tokens"]  # ---- 5. log, evaluate, save: loss keys are means over the tokens trained --------
+        per_token = {k: stats[f"{k}_sum"] / n_tok if n_tok else None for k in ("entropy", "kl", "clip_frac", "nll")}
         record = {"step": step, "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
-                  "correct": float(correct.float().mean()), "frac_no_correct": float((accepted == 0).float().mean()),
-                  "frac_all_correct": float((accepted == G).float().mean()),
+                  "correct": float((rewards > 0).float().mean()), "skipped_updates": skipped_updates,
+                  "frac_no_correct": float((~(advantages > 0).view(-1, G).any(1)).float().mean()),
+                  "frac_all_correct": float((advantages > 0).view(-1, G).all(1).float().mean()),
+                  "samples_used": len(rows), "updates": len(updates),
                   "truncated": float(truncated_rows(completion_ids, lens, eos_ids).float().mean()),
-                  "completion_len": float(lens.float().mean()), "samples_used": len(rows),
-                  "tokens_used": int(stats["tokens"]), "updates": len(updates), "skipped_updates": skipped_updates,
-                  "entropy": stats["entropy_sum"] / n_tok if n_tok else None,
-                  "entropy_sampled": float((sampled_entropy * mask).sum() / mask.sum()),
-                  "nll": stats["nll_sum"] / n_tok if n_tok else None,
-                  "kl": stats["kl_sum"] / n_tok if n_tok and ref_model is not None else None,
-                  "clip_frac": stats["clip_frac_sum"] / n_tok if n_tok else None,
-                  "loss": stats["loss"] if updates else None, "grad_norm": stats["grad_norm"] if updates else None,
-                  "lr": scheduler.get_last_lr()[0],
-                  "gen_time": round(gen_time, 3), "train_time": round(train_time, 3), "step_time": round(step_time, 3),
-                  "tokens_per_s": round(float(lens.sum()) / step_time, 1)}
-        log_step(metrics_file, record, [("reward", "reward", ".3f"), ("correct", "acc", ".2f"),
-                                        ("completion_len", "len", ".1f"), ("truncated", "trunc", ".2f"),
-                                        ("entropy", "H", ".3f"), ("nll", "nll", ".3f"), ("clip_frac", "clip", ".3f"),
-                                        ("grad_norm", "gnorm", ".3f"), ("gen_time", "gen s", ".1f"),
-                                        ("train_time", "train s", ".1f")])
+                  "completion_len": float(lens.float().mean()), "tokens_used": int(stats["tokens"]),
+                  **per_token, "kl": per_token["kl"] if ref_model is not None else None, "loss": stats["loss"],
+                  "grad_norm": stats["grad_norm"], "lr": scheduler.get_last_lr()[0], "gen_time": round(gen_time, 3),
+                  "train_time": round(train_time, 3), "step_time": round(step_time, 3),
+                  "tokens_per_s": round(float(lens.sum()) / step_time, 1),
+                  "entropy_sampled": float((sampled_entropy * mask).sum() / mask.sum())}
+        log_step(metrics_file, record, CONSOLE_FIELDS)
         no_update_streak = no_update_streak + 1 if not updates else 0
         if no_update_streak == 3:  # printed once per streak
-            tqdm.write("warning: no completion has been correct for 3 steps: RAFT has nothing to train on. The task is "
-                       "too hard for this model; try --fewshot, more --num-generations or an easier --dataset.")
+            tqdm.write("warning: 3 steps with no correct completion: RAFT has nothing to train on (see --fewshot)")
         if record["truncated"] > 0.5 and not warned_truncated:
             warned_truncated = True
-            tqdm.write(f"warning: {record['truncated']:.0%} of completions hit --max-new-tokens {args.max_new_tokens}; "
-                       "truncated answers usually score 0: consider raising it.")
+            tqdm.write(f"warning: {record['truncated']:.0%} of completions hit --max-new-tokens: consider raising it")
         if args.eval_every and step % args.eval_every == 0 and step != args.steps:
             evaluate(model, tokenizer, test_prompts, test, args, eos_ids, autocast, step, run_dir, metrics_file)
             common.save_model(model, tokenizer, run_dir, args)
-
     after = evaluate(model, tokenizer, test_prompts, test, args, eos_ids, autocast, args.steps, run_dir, metrics_file)
     common.save_model(model, tokenizer, run_dir, args)
     metrics_file.close()
     print(f"held-out greedy accuracy {before['eval/accuracy']:.1%} -> {after['eval/accuracy']:.1%}, sampled "
-          f"{before['eval/sampled_accuracy']:.1%} -> {after['eval/sampled_accuracy']:.1%}; metrics in {run_dir}"
-          + (f"; {skipped_updates} of {args.steps} steps made no update (nothing correct)" if skipped_updates else ""))
+          f"{before['eval/sampled_accuracy']:.1%} -> {after['eval/sampled_accuracy']:.1%}; metrics in {run_dir}")
     return before, after
 
 

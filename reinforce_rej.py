@@ -1,140 +1,145 @@
-# NOTE TO THE ENGINEER CONVERTING THIS FILE (delete this comment when done): before anything else read
-# /tmp/helper_common.md -- the rules for this conversion (files you may edit, flock for every torch run,
-# metric keys, no git commits, deadline 12:55 UTC).
 """Reinforce and Reinforce-Rej, one readable file.
 
 Paper: Xiong et al. 2025, "A Minimalist Approach to LLM Reasoning: from Rejection Sampling to Reinforce"
-(https://arxiv.org/abs/2504.11343, v2), §3 Eq. 5 (Reinforce with importance sampling and clipping) and §5.1
-(Reinforce-Rej and its ablations). Released code: RLHFlow/Minimal-RL, core_algos.py
-`compute_reinforce_rej_outcome_advantage`.
-
-For each prompt x sample n completions from pi_old and grade them: r = +1 if correct, else --incorrect-reward
-(-1, the paper's scale). Then, for every token t of completion i:
-    A_i     = r_i                                   vanilla Reinforce: the raw reward, no baseline (Eq. 5)
+(https://arxiv.org/abs/2504.11343, v2), §3 Eq. 5 (Reinforce) and §5.1 (Reinforce-Rej, ablations). Released code:
+RLHFlow/Minimal-RL (`compute_reinforce_rej_outcome_advantage`).
+For each prompt x sample G completions y_1..G from pi_old and score them (r_i); for token t of completion i
+in D, the kept prompts' samples (Reinforce-Rej drops every prompt whose G samples are all correct or all wrong):
+    A_i     = r_i               r_i = +1 if correct, else --incorrect-reward <= 0 (paper: -1); no baseline (Eq. 5)
     rho_t   = pi_theta(y_t | x, y_<t) / pi_old(y_t | x, y_<t)
-    l_t     = -min(rho_t * A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) * A_i)
-    loss    = (1/|D|) sum_{i in D} (1/|y_i|) sum_t l_t     seq-mean-token-mean over the kept samples D (Eq. 5)
-Reinforce-Rej (§5.1): D excludes every prompt whose n samples are all correct or all wrong (they are dropped,
-so they are not in |D| either). Ablations: --reject all_wrong / all_correct (one side), --mean-zero
-(A = r - mean_group(r)), --std-normalize (A /= std_group(r) + eps). Each generation batch is split into
---num-minibatches optimizer updates; pi_old (the sampling policy) is frozen across them, so clipping acts.
-
-    python reinforce_rej.py                           # Reinforce-Rej, embedded SmolLM2-135M-Instruct, arithmetic, CPU
-    python reinforce_rej.py --reject none             # vanilla Reinforce (A = r for every sample)
-    python reinforce_rej.py --reject all_wrong        # the paper's "Reinforce + remove all wrong" ablation
-    python reinforce_rej.py --incorrect-reward 0      # the released code's 0/1 rewards (= RAFT++ on mixed groups)
+    l_t     = -min(rho_t * A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) * A_i) + beta * KL_t
+    KL_t    = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1             (k3; a released-code extra, as --entropy-coef)
+    loss    = aggregate(l_t)    grpo: mean over D of each sequence's token-mean (the paper; default)
+                                dapo: token-mean over the mini-batch (the released code)
+D is cut into --num-minibatches updates, pi_old frozen across them: rho = 1 in the first, then the clip can act.
+Ablations (§5.1): --reject all_wrong | all_correct | none (vanilla Reinforce), --mean-zero, --std-normalize.
+    python reinforce_rej.py                          # Reinforce-Rej, embedded SmolLM2-135M-Instruct, arithmetic, CPU
 """
 import argparse
 import copy
-import importlib.util
 import json
 import math
 import random
-import sys
 import time
-from pathlib import Path
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import common
 
-REJECT_SIDES = ("all_correct", "all_wrong")
+ALGO = "reinforce_rej"
+CONSOLE_FIELDS = [("reward", "reward", ".3f"), ("correct", "acc", ".2f"), ("completion_len", "len", ".1f"),
+                  ("truncated", "trunc", ".2f"), ("entropy", "H", ".3f"), ("kl", "kl", ".4f"),
+                  ("clip_frac", "clip", ".3f"), ("grad_norm", "gnorm", ".3f"), ("gen_time", "gen s", ".1f"),
+                  ("train_time", "train s", ".1f")]  # the console line of a step: (key, label, format)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    # model / data (shared flags: the same meaning in every script of the suite)
-    p.add_argument("--model", default=common.DEFAULT_MODEL, help="hub id, local dir, .gguf file, or 'smollm2' (embedded)")
-    p.add_argument("--dataset", default="arith", help="'arith[:add|sub|mul[:DIGITS]]', a .jsonl/.json/.parquet/.csv file, or a hub id")
-    p.add_argument("--eval-dataset", default=None, help="held-out problems (default: test split, else every 10th row of --dataset)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    # model / data / sampling (shared flags: the same meaning in every script of the suite)
+    p.add_argument("--model", default=common.DEFAULT_MODEL, help="hub id, local dir, .gguf file, or 'smollm2'")
+    p.add_argument("--dataset", default="arith", help="'arith[:add|sub|mul[:DIGITS]]', a local file, or a hub id")
+    p.add_argument("--eval-dataset", default=None, help="held-out problems (default: test split, else every 10th row)")
     p.add_argument("--question-key", default=None, help="question column (default: auto-detected)")
     p.add_argument("--answer-key", default=None, help="answer column (default: auto-detected)")
-    p.add_argument("--fewshot", type=int, default=None, help="solved examples shown as earlier chat turns (default: 1 for arith, else 0)")
+    p.add_argument("--fewshot", type=int, default=None, help="solved examples as earlier chat turns (arith: 1, else 0)")
     p.add_argument("--system-prompt", default=None, help="system message (default: the chat template's own)")
-    p.add_argument("--reward-fn", default=None, help="path/to/file.py:function(prompts, completions, records) -> floats, used as is; reward > 0 counts as correct (default: math grading, +1 / --incorrect-reward)")
+    p.add_argument("--reward-fn", default=None, help="file.py:function(prompts, completions, records) -> floats")
     p.add_argument("--seed", type=int, default=0, help="seed for data order, sampling and init")
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on GPU; fp32 weights + bf16 autocast on CPU")
-    # sampling
-    p.add_argument("--steps", type=int, default=40, help="generation batches (each followed by --num-minibatches optimizer updates)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "pure-bfloat16"],
+                   help="auto/bfloat16: fp32 master weights + bf16 autocast; pure-bfloat16: bf16 weights (warns)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute decoder layers in the backward")
+    p.add_argument("--steps", type=int, default=40, help="generation batches (each: --num-minibatches updates)")
     p.add_argument("--prompts-per-step", type=int, default=4, help="prompts per generation batch")
-    p.add_argument("--num-generations", type=int, default=8, help="n: completions sampled per prompt (>= 2 for the rejection filter)")
+    p.add_argument("--num-generations", type=int, default=8, help="G: completions sampled per prompt (paper: 4)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="completion length cap")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (log-probs use logits / T)")
     # Reinforce / Reinforce-Rej
-    p.add_argument("--reject", default="all_correct,all_wrong", help="prompt groups dropped before the update: 'all_correct,all_wrong' (Reinforce-Rej), 'all_wrong', 'all_correct', or 'none' (vanilla Reinforce)")
-    p.add_argument("--incorrect-reward", type=float, default=-1.0, help="reward of a wrong answer (correct: +1). -1: the paper; 0: the released code (wrong answers then get zero weight)")
+    p.add_argument("--loss-type", default="grpo", choices=["grpo", "dapo"], help="grpo (the paper) or dapo (the code)")
+    p.add_argument("--reject", default="all_correct,all_wrong", choices=["all_correct,all_wrong", "all_wrong",
+                   "all_correct", "none"], help="prompt groups dropped: both kinds (Reinforce-Rej), one, or none")
+    p.add_argument("--incorrect-reward", type=float, default=-1.0, help="reward of a wrong answer, <= 0 (paper: -1)")
     p.add_argument("--mean-zero", action="store_true", help="ablation: A = r - mean of the prompt's group")
-    p.add_argument("--std-normalize", action="store_true", help="ablation: divide A by the group's unbiased std + 1e-6")
-    p.add_argument("--loss-agg", default="seq-mean-token-mean", choices=["seq-mean-token-mean", "token-mean"], help="seq-mean-token-mean: paper Eq. 5; token-mean: the released code (verl)")
-    p.add_argument("--num-minibatches", type=int, default=2, help="optimizer updates per generation batch: the kept prompt groups are split into this many mini-batches")
+    p.add_argument("--std-normalize", action="store_true", help="ablation: divide A by the group's std + 1e-6")
+    p.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient against the frozen start model")
+    p.add_argument("--log-kl", action="store_true", help="keep the start model to log the KL even with beta 0")
     p.add_argument("--epsilon", type=float, default=0.2, help="clip epsilon_low")
     p.add_argument("--epsilon-high", type=float, default=None, help="clip epsilon_high (default: --epsilon)")
-    p.add_argument("--dual-clip", type=float, default=0.0, help="released-code extra: dual-clip constant c for A < 0 (verl: 3); 0: off")
-    p.add_argument("--beta", type=float, default=0.0, help="released-code extra: k3 KL coefficient to the start model in the loss (code: 0.001); 0: off")
-    p.add_argument("--entropy-coef", type=float, default=0.0, help="released-code extra: entropy bonus coefficient (code: 0.001); 0: off")
-    p.add_argument("--log-kl", action=argparse.BooleanOptionalAction, default=True, help="log the k3 KL of the sampled tokens to the frozen start model (one no-grad reference forward per step)")
+    p.add_argument("--num-minibatches", type=int, default=2, help="updates per generation batch: D is split (code: 4)")
+    p.add_argument("--entropy-coef", type=float, default=0.0, help="released-code extra: entropy bonus (code: 0.001)")
     # optimization
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (constant after warm-up)")
     p.add_argument("--warmup-steps", type=int, default=2, help="linear LR warm-up, in optimizer updates")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clipping")
-    p.add_argument("--micro-batch-prompts", type=int, default=1, help="prompt groups per forward/backward (gradient accumulation)")
-    # evaluation / logging
+    p.add_argument("--micro-batch-prompts", type=int, default=1, help="prompts per forward/backward (accumulation)")
+    # evaluation / logging / saving
     p.add_argument("--eval-every", type=int, default=20, help="evaluate every N steps (0: only before and after)")
     p.add_argument("--eval-size", type=int, default=100, help="held-out problems per evaluation")
     p.add_argument("--eval-batch-size", type=int, default=64, help="prompts per generation call during eval")
-    p.add_argument("--output-dir", default=None, help="default: runs/reinforce_rej__<seed>__<time>")
+    p.add_argument("--output-dir", default=None, help="default: runs/<algo>__<seed>__<time>")
     p.add_argument("--no-save", action="store_true", help="do not write the final model")
+    p.add_argument("--save-dtype", default=None, choices=["float32", "bfloat16"], help="saved weights (default: fp32)")
     args = p.parse_args(argv)
-    sides = [s.strip() for s in args.reject.split(",") if s.strip()]
-    if sides == ["none"]:
-        sides = []
-    if not sides and args.reject.strip() != "none" or any(s not in REJECT_SIDES for s in sides):
-        p.error(f"--reject {args.reject!r}: expected 'none' or a comma list of {', '.join(REJECT_SIDES)}")
-    args.reject_sides = sorted(set(sides))
-    if args.num_generations < 2 and (sides or args.mean_zero or args.std_normalize):
-        p.error("--num-generations must be >= 2 for the rejection filter, --mean-zero and --std-normalize (use --reject none with 1)")
-    for flag in ("steps", "prompts_per_step", "num_generations", "max_new_tokens", "num_minibatches", "eval_size", "micro_batch_prompts"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.temperature <= 0:
-        p.error("--temperature must be > 0 (Reinforce needs sampled completions)")
-    if not args.incorrect_reward < 1.0:
-        p.error(f"--incorrect-reward must be < 1 (the reward of a correct answer), got {args.incorrect_reward}")
-    if args.dual_clip and args.dual_clip <= 1.0:
-        p.error("--dual-clip must be > 1 (verl uses 3), or 0 to turn it off")
+    common.check_args(p, args, at_least_one=("steps", "prompts_per_step", "num_generations", "max_new_tokens",
+                                             "num_minibatches", "eval_size", "eval_batch_size", "micro_batch_prompts"),
+                      positive=("lr", "temperature", "epsilon", "epsilon_high", "max_grad_norm"),
+                      non_negative=("beta", "entropy_coef", "warmup_steps", "weight_decay", "eval_every"))
+    if args.num_generations < 2 and (args.reject != "none" or args.mean_zero or args.std_normalize):
+        p.error("--num-generations must be >= 2 for --reject, --mean-zero and --std-normalize (or --reject none)")
+    if not (math.isfinite(args.incorrect_reward) and args.incorrect_reward <= 0):
+        p.error(f"--incorrect-reward must be <= 0 (got {args.incorrect_reward}): a wrong answer would count as correct")
     args.epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
     return args
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Sampling (plumbing): prefill each prompt once, share its KV cache across the G samples, drop finished rows
+# Plumbing shared by every script, copied byte for byte (tests/test_consistency.py checks): sampling, the
+# training forward, logging
 # ----------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def generate(model, prompt_ids, prompt_mask, num_samples, max_new_tokens, temperature, eos_ids, generator):
-    """Sample `num_samples` completions per prompt (temperature 0: greedy).
-    prompt_ids/prompt_mask: (P, Lp), left-padded. Returns completion_ids (P*G, T) and completion_lens (P*G,):
-    row i holds tokens [0, len_i) including the EOS it generated; positions after it are padding (EOS id)."""
+def generate(model, prompt_ids, prompt_mask, num_samples, max_new_tokens, temperature, eos_ids, generator,
+             top_k=0, top_p=1.0, repetition_penalty=1.0):
+    """G = num_samples completions per (P, Lp) left-padded prompt (temperature 0: greedy), optionally top-k, top-p,
+    HF's repetition penalty. -> ids (P*G, T), lens (P*G,): row i continues prompt i // G, EOS included."""
     P, G = prompt_ids.shape[0], num_samples
     positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
+    cache = out.cache
     cache.batch_repeat_interleave(G)  # (P, ...) -> (P*G, ...): the prompt is encoded once per group
     logits = out.logits[:, -1].float().repeat_interleave(G, 0)  # (B, V), B = P*G
     attn = prompt_mask.repeat_interleave(G, 0)  # (B, Lp) grows by one column per decoded token
     next_pos = prompt_mask.sum(1).repeat_interleave(G, 0)  # (B,) position id of the next token
-    B, device = P * G, prompt_ids.device
+    B, V, device = P * G, logits.shape[-1], prompt_ids.device
     tokens = torch.full((B, max_new_tokens), eos_ids[0], dtype=torch.long, device=device)
     lens = torch.zeros(B, dtype=torch.long, device=device)
     alive = torch.arange(B, device=device)  # rows of the batch still decoding
     eos = torch.tensor(eos_ids, device=device)
+    seen = None  # (b, V) tokens already in the prompt (padding excluded) or the completion, for the penalty
+    if repetition_penalty != 1.0:
+        seen = (torch.zeros(P, V, device=device).scatter_add_(1, prompt_ids, prompt_mask.float()) > 0)
+        seen = seen.repeat_interleave(G, 0)
     for t in range(max_new_tokens):
+        if seen is not None:  # HF RepetitionPenaltyLogitsProcessor: positive logits / penalty, negative * penalty
+            penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+            logits = torch.where(seen, penalized, logits)
         if temperature > 0:  # inverse-CDF sampling: one uniform per row (torch.multinomial is ~40x slower on CPU)
-            cdf = torch.softmax(logits / temperature, -1).cumsum(-1)  # (b, V)
+            candidates = None  # (b, K) token ids when the choice is cut down to a subset
+            if 0 < top_k < V:
+                logits, candidates = logits.topk(top_k, -1)  # (b, K), sorted
+            probs = torch.softmax(logits / temperature, -1)
+            if top_p < 1.0:  # nucleus: keep the most likely tokens until the mass before them reaches top_p
+                probs, order = probs.sort(-1, descending=True)
+                candidates = order if candidates is None else candidates.gather(1, order)
+                probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
+            cdf = probs.cumsum(-1)
             u = torch.rand(len(cdf), 1, generator=generator, device=device) * cdf[:, -1:]
-            tok = torch.searchsorted(cdf, u).squeeze(1).clamp(max=cdf.shape[1] - 1)
+            tok = torch.searchsorted(cdf, u).clamp(max=cdf.shape[1] - 1)  # (b, 1)
+            tok = (candidates.gather(1, tok) if candidates is not None else tok).squeeze(1)
         else:
             tok = logits.argmax(-1)
         tokens[alive, t] = tok
@@ -142,13 +147,16 @@ def generate(model, prompt_ids, prompt_mask, num_samples, max_new_tokens, temper
         keep = ~torch.isin(tok, eos)
         if t == max_new_tokens - 1 or not keep.any():
             break
+        if seen is not None:
+            seen[torch.arange(len(tok), device=device), tok] = True
         if not keep.all():  # finished rows leave the batch: later steps decode only live ones
             idx = keep.nonzero().squeeze(1)
             cache.batch_select_indices(idx)
             alive, attn, next_pos, tok = alive[idx], attn[idx], next_pos[idx], tok[idx]
+            seen = seen[idx] if seen is not None else None
         attn = torch.cat([attn, attn.new_ones(len(alive), 1)], 1)
-        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                    past_key_values=cache, use_cache=True)
+        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None], cache=cache,
+                    use_cache=True)
         next_pos = next_pos + 1
         logits = out.logits[:, -1].float()
     T = max(int(lens.max()), 1)
@@ -161,351 +169,263 @@ def completion_mask_from_lens(lens, T):
     return (torch.arange(T, device=lens.device)[None, :] < lens[:, None]).float()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Log-probs of the completion tokens under the current policy (the training forward)
-# ----------------------------------------------------------------------------------------------------------
-def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, num_samples, temperature, entropy_grad=False):
-    """log pi(y_t | x, y_<t) from logits / T for every completion token (B, T), and the entropy of that
-    distribution (B, T; with gradient only when entropy_grad, for the optional entropy bonus). The prompt runs once per prompt, not once per sample: its keys/values are
-    repeated for the G completions and gradients flow back through the repeat, so this equals the plain forward
-    over [prompt; completion] (tested) at a fraction of the cost. Logits are computed only where a completion
-    token is predicted: the last prompt position and completion positions 0..T-2."""
-    G = num_samples
+def truncated_rows(completion_ids, lens, eos_ids):
+    """(B,) bool: the completion hit the length cap without emitting a stop token."""
+    last = completion_ids.gather(1, (lens - 1)[:, None]).squeeze(1)
+    return ~torch.isin(last, torch.tensor(eos_ids, device=completion_ids.device))
+
+
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, prompt_index, temperature,
+                        entropy_grad=False, chunk_tokens=512):
+    """log pi(y_t | x, y_<t) under logits / T (B, T) and the entropy there (B, T; grad only if entropy_grad);
+    completion b continues prompt prompt_index[b]. Each prompt runs once, its KV gathered for its completions.
+    The vocabulary projection runs `chunk_tokens` positions at a time and is recomputed in the backward: never
+    (B, T, V) fp32 logits at once. Equal to the plain [prompt; completion] forward in value and grad (tested)."""
     B, T = completion_ids.shape
+    decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
     positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
-    prompt_out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    cache = prompt_out.past_key_values
-    cache.batch_repeat_interleave(G)
-    attn = torch.cat([prompt_mask.repeat_interleave(G, 0), prompt_mask.new_ones(B, T)], 1)
-    pos = prompt_mask.sum(1, keepdim=True).repeat_interleave(G, 0) + torch.arange(T, device=completion_ids.device)
-    logits = prompt_out.logits[:, -1:].repeat_interleave(G, 0)  # (B, 1, V): predicts completion token 0
+    prompt_out = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True)
+    cache = prompt_out.cache
+    cache.batch_select_indices(prompt_index)  # (P, ...) -> (B, ...): row b holds the keys/values of its prompt
+    hidden = prompt_out.last_hidden_state[prompt_index, -1:]  # (B, 1, H): predicts completion token 0
     if T > 1:
-        out = model(input_ids=completion_ids[:, :-1], attention_mask=attn[:, :-1], position_ids=pos[:, :-1],
-                    past_key_values=cache, use_cache=True)
-        logits = torch.cat([logits, out.logits], 1)  # (B, T, V)
-    logits = logits.float() / temperature if temperature != 1.0 else logits.float()
-    logz = logits.logsumexp(-1)  # no full (B, T, V) log-softmax tensor is kept for the backward
-    logprobs = logits.gather(-1, completion_ids[..., None]).squeeze(-1) - logz
-    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        attn = torch.cat([prompt_mask[prompt_index], prompt_mask.new_ones(B, T - 1)], 1)
+        pos = prompt_mask.sum(1, keepdim=True)[prompt_index] + torch.arange(T - 1, device=completion_ids.device)
+        out = decoder(input_ids=completion_ids[:, :-1], attention_mask=attn, position_ids=pos, cache=cache,
+                      use_cache=True)
+        hidden = torch.cat([hidden, out.last_hidden_state], 1)  # (B, T, H)
+    hidden, targets = hidden.reshape(B * T, -1), completion_ids.reshape(B * T)
+    entropy_grad = entropy_grad and torch.is_grad_enabled()
+    logprobs, entropy = [], []
+    for s in range(0, B * T, chunk_tokens):
+        chunk = (lm_head, hidden[s:s + chunk_tokens], targets[s:s + chunk_tokens], temperature, entropy_grad)
+        lp, ent = checkpoint(token_logprobs, *chunk, use_reentrant=False) if hidden.requires_grad else \
+            token_logprobs(*chunk)
+        logprobs.append(lp)
+        entropy.append(ent)
+    return torch.cat(logprobs).view(B, T), torch.cat(entropy).view(B, T)
+
+
+def token_logprobs(lm_head, hidden, targets, temperature, entropy_grad):
+    """hidden (N, H) -> log-prob of targets (N,) and entropy (N,) under softmax(lm_head(hidden) / T), in fp32."""
+    logits = lm_head(hidden).float()
+    logits = logits / temperature if temperature != 1.0 else logits
+    logz = logits.logsumexp(-1)  # no full log-softmax tensor is kept
+    logprobs = logits.gather(-1, targets[:, None]).squeeze(-1) - logz
+    with torch.set_grad_enabled(entropy_grad):
         entropy = logz - (torch.softmax(logits, -1) * logits).sum(-1)
     return logprobs, entropy
+
+
+def micro_batches(rows, num_generations, prompts_per_micro_batch, lens):
+    """Split completion rows (sorted; row i continues prompt i // G) into micro-batches of whole prompts:
+    [(prompt indices ps, prompt_index (b,) into ps, rows (b,), T)], each trimmed to its longest completion T."""
+    prompts = sorted({r // num_generations for r in rows})
+    out = []
+    for i in range(0, len(prompts), prompts_per_micro_batch):
+        ps = prompts[i:i + prompts_per_micro_batch]
+        r = torch.tensor([x for x in rows if x // num_generations in ps], device=lens.device)
+        prompt_index = torch.searchsorted(torch.tensor(ps, device=lens.device), r // num_generations)
+        out.append((ps, prompt_index, r, int(lens[r].max())))
+    return out
+
+
+@torch.no_grad()
+def frozen_logprobs(model, batches, prompt_ids, prompt_mask, completion_ids, temperature, autocast):
+    """(P*G, T) log-probs and entropies of the rows in `batches`, no grad (pi_old, pi_ref); other rows 0."""
+    logprobs, entropy = (torch.zeros(completion_ids.shape, device=completion_ids.device) for _ in range(2))
+    for ps, prompt_index, r, T in batches:
+        with autocast():
+            logprobs[r, :T], entropy[r, :T] = completion_logprobs(
+                model, prompt_ids[ps], prompt_mask[ps], completion_ids[r, :T], prompt_index, temperature)
+    return logprobs, entropy
+
+
+def log_step(metrics_file, record, fields=()):
+    """Append a record to metrics.jsonl; with fields [(key, label, format)], print them as one compact line."""
+    metrics_file.write(json.dumps(record) + "\n")
+    metrics_file.flush()
+    if not fields:
+        return
+    show = lambda key, fmt: "-" if record.get(key) is None else format(record[key], fmt)
+    tqdm.write(" | ".join([f"step {record['step']:4d}"] + [f"{label} {show(key, fmt)}" for key, label, fmt in fields]))
+
+
+def stop_if_not_finite(value, what, step, run_dir):
+    if not math.isfinite(value):
+        raise SystemExit(f"error: {what} is {value} at step {step}; stopping before the update "
+                         f"(the last saved model in {run_dir / 'model'} is untouched)")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Reinforce / Reinforce-Rej (algorithm logic)
 # ----------------------------------------------------------------------------------------------------------
-def reject_groups(rewards, correct, num_generations, reject_sides):
-    """rewards/correct (P*G,) -> keep, all_correct, all_wrong, each (P,) bool. A group is uniform when its rewards
-    are all equal (the released code's std == 0 test); a uniform group of correct samples is all-correct, of wrong
-    ones all-wrong. Mixed groups are always kept; uniform ones are dropped on the sides listed in reject_sides."""
-    r, c = rewards.view(-1, num_generations), correct.view(-1, num_generations)
-    uniform = (r == r[:, :1]).all(1)
-    all_correct, all_wrong = uniform & c.all(1), uniform & ~c.any(1)
-    keep = torch.ones_like(uniform)
-    if "all_correct" in reject_sides:
-        keep &= ~all_correct
-    if "all_wrong" in reject_sides:
-        keep &= ~all_wrong
-    return keep, all_correct, all_wrong
+def reject_groups(rewards, num_generations, reject):
+    """rewards (P*G,) -> keep, rejected all-correct, rejected all-wrong (P,) bool; uniform: the code's std == 0."""
+    r = rewards.view(-1, num_generations)
+    uniform, correct = (r == r[:, :1]).all(1), r > 0
+    rejected_correct = uniform & correct.all(1) & ("all_correct" in reject)
+    rejected_wrong = uniform & ~correct.any(1) & ("all_wrong" in reject)
+    return ~(rejected_correct | rejected_wrong), rejected_correct, rejected_wrong
 
 
 def reinforce_advantages(rewards, num_generations, mean_zero=False, std_normalize=False, eps=1e-6):
-    """rewards (P*G,) -> advantages (P*G,). Reinforce: A = r, no baseline, no normalisation (Eq. 5). Ablations
-    (§5.1): minus the group mean; divided by the group's unbiased std + eps (the MRL code's eps). A group with
-    zero std is left undivided (r / eps would blow up; Reinforce-Rej drops such groups anyway)."""
+    """rewards (P*G,) -> A = r (Eq. 5); ablations (§5.1): minus the group mean, over the group's std + eps if > 0."""
     r = rewards.view(-1, num_generations)
-    adv = r - r.mean(1, keepdim=True) if mean_zero else r.clone()
-    if std_normalize:
-        std = r.std(1, keepdim=True)
-        adv = torch.where(std > 0, adv / (std + eps), adv)
-    return adv.view(-1)
+    adv, std = (r - r.mean(1, keepdim=True) if mean_zero else r), r.std(1, keepdim=True)
+    return (torch.where(std > 0, adv / (std + eps), adv) if std_normalize else adv).view(-1)
 
 
-def reinforce_loss(logprobs, old_logprobs, advantages, mask, loss_agg="seq-mean-token-mean", eps_low=0.2, eps_high=0.2,
-                   dual_clip=0.0, beta=0.0, ref_logprobs=None, entropy_coef=0.0, entropy=None, num_seqs=None, num_tokens=None):
-    """Clipped importance-ratio surrogate with A = the (filtered) reward, aggregated per `loss_agg`.
-    logprobs/old/ref/entropy/mask: (B, T) for KEPT samples only; advantages: (B,). num_seqs / num_tokens are the
-    normalizers of the whole mini-batch of kept samples (default: this batch), so micro-batch losses sum to it."""
-    num_seqs = mask.shape[0] if num_seqs is None else num_seqs
-    num_tokens = mask.sum() if num_tokens is None else num_tokens
-    ratio = torch.exp(logprobs - old_logprobs)  # s_t in Eq. 5
-    adv = advantages[:, None]
+def reinforce_loss(logprobs, old_logprobs, advantages, mask, loss_type="grpo", eps_low=0.2, eps_high=0.2,
+                   beta=0.0, ref_logprobs=None, num_seqs=None, num_tokens=None, entropy_coef=0.0, entropy=None):
+    """Clipped surrogate + beta * k3 KL - entropy_coef * entropy over KEPT rows (B, T), normalized per mini-batch."""
+    num_seqs, num_tokens = num_seqs or mask.shape[0], num_tokens or mask.sum()
+    ratio, adv = torch.exp(logprobs - old_logprobs), advantages[:, None]
     per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
-    if dual_clip:  # released code (verl): for A < 0 the loss is capped at c * |A| however large the ratio gets
-        per_token = torch.where(adv < 0, torch.min(per_token, -dual_clip * adv), per_token)
-    if beta != 0.0:  # released code: + 0.001 * k3 KL to the start model (paper: none)
+    clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
+    kl = None
+    if ref_logprobs is not None:
         d = ref_logprobs - logprobs
-        per_token = per_token + beta * (torch.exp(d) - d - 1)
-    if entropy_coef != 0.0:  # released code: - 0.001 * entropy (paper: none)
+        kl = torch.exp(d) - d - 1  # k3: pi_ref/pi - log(pi_ref/pi) - 1
+        per_token = per_token + beta * kl
+    if entropy_coef:  # released code: - 0.001 * entropy (paper: none)
         per_token = per_token - entropy_coef * entropy
-    if loss_agg == "seq-mean-token-mean":  # paper Eq. 5: (1/|D|) sum_i (1/|y_i|) sum_t
+    if loss_type == "grpo":  # each sequence's token-mean, then the mean over sequences
         loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / num_seqs
-    elif loss_agg == "token-mean":  # released code: sum over tokens / number of tokens
+    else:  # dapo: token-mean over the mini-batch
         loss = (per_token * mask).sum() / num_tokens
-    else:
-        raise ValueError(f"unknown loss_agg {loss_agg}")
-    with torch.no_grad():  # diagnostics: fraction of tokens where the clipped branch is the active one
-        clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
-        stats = {"clip_frac_sum": float((clipped.float() * mask).sum())}
+    stats = {"clip_frac_sum": float((clipped.float() * mask).sum()),  # tokens where the clip acts
+             "kl_sum": float((kl.detach() * mask).sum()) if kl is not None else 0.0}
     return loss, stats
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Rewards, prompts, evaluation (plumbing)
+# Evaluation
 # ----------------------------------------------------------------------------------------------------------
-def math_reward(prompts, completions, records):
-    return [1.0 if common.grade(c, r["answer"]) else 0.0 for c, r in zip(completions, records)]
-
-
-def load_reward_fn(spec):
-    path, _, name = spec.rpartition(":")
-    if not path or not Path(path).is_file() or not name:
-        raise SystemExit(f"error: --reward-fn {spec}: expected path/to/file.py:function with an existing file")
-    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not callable(getattr(module, name, None)):
-        raise SystemExit(f"error: --reward-fn {spec}: {path} has no function '{name}'")
-    return getattr(module, name)
-
-
-def compute_rewards(reward_fn, prompts, completions, records):
-    """Call the reward function; if it raises, find and show the failing sample instead of swallowing it."""
-    try:
-        rewards = [float(r) for r in reward_fn(prompts, completions, records)]
-    except Exception as batch_error:
-        for p, c, r in zip(prompts, completions, records):
-            try:
-                reward_fn([p], [c], [r])
-            except Exception as e:
-                raise SystemExit(f"error: reward function raised {type(e).__name__}: {e}\n  on completion: {c!r}\n"
-                                 f"  answer: {r.get('answer')!r}\n  prompt (end): {p[-200:]!r}")
-        raise SystemExit(f"error: reward function raised {type(batch_error).__name__}: {batch_error}")
-    if len(rewards) != len(completions) or not all(math.isfinite(r) for r in rewards):
-        raise SystemExit(f"error: reward function must return {len(completions)} finite floats, got {rewards[:8]}...")
-    return rewards
-
-
-def tokenize_prompts(tokenizer, prompts, device):
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not tokenizer.chat_template)
-    return enc.input_ids.to(device), enc.attention_mask.to(device)
-
-
-def evaluate(model, tokenizer, prompts, records, args, eos_ids, autocast, generator):
-    """Greedy accuracy and sampled accuracy (one sample at the training temperature) on held-out problems."""
-    results = {}
+def evaluate(model, tokenizer, prompts, records, args, eos_ids, autocast, step, run_dir, metrics_file):
+    """Held-out greedy and sampled accuracy (one sample at T, the same draws at every eval), logged."""
+    t0, results, shown = time.perf_counter(), {}, {}
+    generator = torch.Generator(model.device).manual_seed(args.seed + 1)
     for name, temperature in (("accuracy", 0.0), ("sampled_accuracy", args.temperature)):
-        correct, samples = 0, []
+        samples = []
         for i in range(0, len(prompts), args.eval_batch_size):
-            ids, mask = tokenize_prompts(tokenizer, prompts[i:i + args.eval_batch_size], model.device)
+            ids, mask = common.tokenize_prompts(tokenizer, prompts[i:i + args.eval_batch_size], model.device)
             with autocast():
                 out, lens = generate(model, ids, mask, 1, args.max_new_tokens, temperature, eos_ids, generator)
-            texts = tokenizer.batch_decode([o[:n] for o, n in zip(out.tolist(), lens.tolist())], skip_special_tokens=True)
-            for text, rec in zip(texts, records[i:i + args.eval_batch_size]):
-                ok = common.grade(text, rec["answer"])
-                correct += ok
-                samples.append({"question": rec["question"], "answer": rec["answer"], "completion": text, "correct": ok})
-        results[f"eval/{name}"] = correct / len(prompts)
-        results[f"samples/{name}"] = samples[:4]
+            samples += [dict(question=rec["question"], answer=rec["answer"], completion=text,
+                             correct=common.grade(text, rec["answer"]))
+                        for text, rec in zip(common.decode(tokenizer, out, lens), records[i:i + args.eval_batch_size])]
+        results[f"eval/{name}"], shown[name] = sum(s["correct"] for s in samples) / len(prompts), samples[:4]
+    log_step(metrics_file, {"step": step, **results, "eval/time": round(time.perf_counter() - t0, 2)})
+    with open(run_dir / "samples.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "greedy": shown["accuracy"], "sampled": shown["sampled_accuracy"]}) + "\n")
+    tqdm.write(f"eval step {step}: greedy acc {results['eval/accuracy']:.1%}  sampled acc (T={args.temperature}) "
+               f"{results['eval/sampled_accuracy']:.1%}  ({len(prompts)} problems, {time.perf_counter() - t0:.0f}s)")
     return results
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_args(argv)  # ---- setup: arguments, precision, data, models, optimizer ---------------------------
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = common.resolve_device(args.device)
     weight_dtype, autocast_dtype = common.resolve_dtype(args.dtype, device)
-    autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
-    run_dir = Path(args.output_dir or f"runs/reinforce_rej__{args.seed}__{int(time.time())}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
-    (run_dir / "samples.jsonl").write_text("")  # a few eval completions, appended at every eval
-
-    # data and prompts
-    train, test = common.train_eval_records(args.dataset, args.eval_dataset, args.question_key, args.answer_key,
-                                            seed=args.seed, eval_size=args.eval_size)
+    autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    run_dir = common.make_run_dir(args, ALGO)
     tokenizer = common.load_tokenizer(args.model)
-    fewshot_k = common.default_fewshot(args.dataset) if args.fewshot is None else args.fewshot
-    fewshot, train = train[:fewshot_k], train[fewshot_k:]  # the examples are not also training problems
-    if not train:
-        raise SystemExit(f"error: dataset {args.dataset} has no training problems left after {fewshot_k} few-shot examples")
+    train, test, fewshot = common.load_problems(args)
     prompt_of = lambda rec: common.build_prompt(tokenizer, rec["question"], fewshot, args.system_prompt)
-    test_prompts = [prompt_of(r) for r in test]
-    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else math_reward
-
-    # models: the policy, and a frozen copy of the start model when the KL is logged or in the loss
-    model = common.load_model(args.model, device, weight_dtype)
+    test_prompts, reward_fn = [prompt_of(r) for r in test], common.load_reward_fn(args.reward_fn)
+    model = common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing)
     model.eval()  # no dropout: pi_old and pi_theta must be the same function of the weights
-    ref_model = copy.deepcopy(model).requires_grad_(False) if args.log_kl or args.beta != 0.0 else None
-    gen_eos = model.generation_config.eos_token_id  # an int, a list, or None
-    eos_ids = sorted({tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])} - {None})
-    # fused AdamW: one kernel for all parameters (~8x faster than the per-tensor loop on CPU)
+    ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta or args.log_kl else None  # frozen start
+    eos_ids = common.stop_token_ids(tokenizer, model)
+    common.check_context_length(model, 0, args.max_new_tokens)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / max(1, args.warmup_steps)))
-    generator = torch.Generator(device).manual_seed(args.seed)
-    data_rng = random.Random(args.seed)
-    order = []
-
-    metrics_file = open(run_dir / "metrics.jsonl", "w")
-    def log(record):
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-
-    def run_eval(step):
-        t0 = time.perf_counter()
-        eval_generator = torch.Generator(device).manual_seed(args.seed + 1)  # the same draws at every eval
-        res = evaluate(model, tokenizer, test_prompts, test, args, eos_ids, autocast, eval_generator)
-        log({"step": step, "eval/accuracy": res["eval/accuracy"], "eval/sampled_accuracy": res["eval/sampled_accuracy"],
-             "eval/time": round(time.perf_counter() - t0, 2)})
-        with open(run_dir / "samples.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "greedy": res["samples/accuracy"], "sampled": res["samples/sampled_accuracy"]}) + "\n")
-        tqdm.write(f"eval step {step}: greedy acc {res['eval/accuracy']:.1%}  sampled acc (T={args.temperature}) "
-                   f"{res['eval/sampled_accuracy']:.1%}  ({len(test)} problems, {time.perf_counter() - t0:.0f}s)")
-        return res
-
-    print(f"reinforce_rej: {len(train)} train / {len(test)} eval problems, {fewshot_k}-shot, model {args.model} on {device} "
-          f"(weights {weight_dtype}, autocast {autocast_dtype}), reject {','.join(args.reject_sides) or 'none'}, "
-          f"rewards {'from ' + args.reward_fn if args.reward_fn else f'+1 / {args.incorrect_reward:g}'}, output {run_dir}")
-    before = run_eval(0)
-    skipped_updates, warned = 0, set()
-    bar = tqdm(range(1, args.steps + 1), desc="reinforce_rej", dynamic_ncols=True)
-    for step in bar:
-        t_step = time.perf_counter()
-        # ---- 1. sample n completions for each of P prompts ---------------------------------------------------
-        batch = []
-        for _ in range(args.prompts_per_step):
-            if not order:
-                order = list(range(len(train)))
-                data_rng.shuffle(order)
-            batch.append(train[order.pop()])
-        prompts = [prompt_of(r) for r in batch]
-        prompt_ids, prompt_mask = tokenize_prompts(tokenizer, prompts, device)  # (P, Lp)
-        P, G = len(batch), args.num_generations
+    generator, data_rng, order = torch.Generator(device).manual_seed(args.seed), random.Random(args.seed), []
+    metrics_file, G, P = open(run_dir / "metrics.jsonl", "w"), args.num_generations, args.prompts_per_step
+    print(f"{ALGO}: {len(train)} train / {len(test)} eval problems, {len(fewshot)}-shot, model {args.model} on "
+          f"{device} (weights {weight_dtype}, autocast {autocast_dtype}), output {run_dir}")
+    before = evaluate(model, tokenizer, test_prompts, test, args, eos_ids, autocast, 0, run_dir, metrics_file)
+    warned_truncated, skipped_updates = False, 0
+    for step in tqdm(range(1, args.steps + 1), desc=ALGO, dynamic_ncols=True):
+        # ---- 1. sample G completions for each of P prompts, grade them (+1 / --incorrect-reward) --------------
+        t_step, batch = time.perf_counter(), common.next_batch(train, order, data_rng, P)
+        prompt_ids, prompt_mask = common.tokenize_prompts(tokenizer, prompts := [prompt_of(r) for r in batch], device)
+        common.check_context_length(model, prompt_ids.shape[1], args.max_new_tokens)
         with autocast():
-            completion_ids, lens = generate(model, prompt_ids, prompt_mask, G, args.max_new_tokens,
-                                            args.temperature, eos_ids, generator)  # (P*G, T)
+            completion_ids, lens = generate(model, prompt_ids, prompt_mask, G, args.max_new_tokens, args.temperature,
+                                            eos_ids, generator)  # (P*G, T)
+        rewards = torch.tensor(common.compute_rewards(reward_fn, [p for p in prompts for _ in range(G)],
+                                                      common.decode(tokenizer, completion_ids, lens),
+                                                      [r for r in batch for _ in range(G)]), device=device)  # (P*G,)
+        rewards = rewards if args.reward_fn else torch.where(rewards > 0, 1.0, args.incorrect_reward)  # paper: +1/-1
         mask = completion_mask_from_lens(lens, completion_ids.shape[1])  # (P*G, T)
-        truncated = ~torch.isin(completion_ids.gather(1, (lens - 1)[:, None]).squeeze(1), torch.tensor(eos_ids, device=device))
-        gen_time = time.perf_counter() - t_step
-
-        # ---- 2. rewards (+1 / --incorrect-reward), the rejection filter, advantages A = r -----------------------
-        texts = tokenizer.batch_decode([c[:n] for c, n in zip(completion_ids.tolist(), lens.tolist())], skip_special_tokens=True)
-        rep = lambda xs: [x for x in xs for _ in range(G)]
-        raw = torch.tensor(compute_rewards(reward_fn, rep(prompts), texts, rep(batch)), device=device)  # (P*G,)
-        correct = raw > 0  # math grading returns 1/0; a custom reward counts as correct when > 0
-        rewards = raw if args.reward_fn else torch.where(correct, 1.0, args.incorrect_reward)
-        keep, all_correct, all_wrong = reject_groups(rewards, correct, G, args.reject_sides)  # (P,) each
-        advantages = reinforce_advantages(rewards, G, args.mean_zero, args.std_normalize)  # (P*G,)
-        kept = keep.nonzero().squeeze(1).tolist()  # prompt groups in the update: dropped ones are not in |D|
-
-        def micro_batches_of(groups):  # whole prompt groups, each micro-batch trimmed to its longest completion
-            out = []
-            for i in range(0, len(groups), args.micro_batch_prompts):
-                ps = groups[i:i + args.micro_batch_prompts]
-                r = torch.cat([torch.arange(p * G, (p + 1) * G, device=device) for p in ps])  # completion rows
-                T = int(lens[r].max())
-                out.append((ps, r, completion_ids[r, :T], mask[r, :T]))
-            return out
-
-        def logprobs_of(m, ps, ids, grad):
-            with torch.set_grad_enabled(grad), autocast():
-                return completion_logprobs(m, prompt_ids[ps], prompt_mask[ps], ids, G, args.temperature,
-                                           entropy_grad=grad and args.entropy_coef != 0.0)
-
-        # ---- 3. frozen log-probs: pi_old (for mini-batches 2..k) and pi_ref (KL logging / KL loss), no grad -----
-        t_train = time.perf_counter()
-        n_mb = min(args.num_minibatches, len(kept))
-        need_old, need_ref = args.log_kl or n_mb > 1, ref_model is not None
-        old_lp, ref_lp, sampled_entropy = (torch.zeros_like(mask) for _ in range(3))  # (P*G, T)
-        for ps, r, ids, _ in micro_batches_of(list(range(P)) if args.log_kl else kept):
-            T = ids.shape[1]
-            if need_old:
-                old_lp[r, :T], sampled_entropy[r, :T] = logprobs_of(model, ps, ids, False)
-            if need_ref:
-                ref_lp[r, :T] = logprobs_of(ref_model, ps, ids, False)[0]
-        kl_to_start = entropy_sampled = None
-        if args.log_kl:  # k3 KL of the sampled tokens to the start model, at the sampling policy, every sample
-            d = ref_lp - old_lp
-            kl_to_start = float(((torch.exp(d) - d - 1) * mask).sum() / mask.sum())
-            entropy_sampled = float((sampled_entropy * mask).sum() / mask.sum())
-
-        # ---- 4. one optimizer update per mini-batch of kept prompt groups ----------------------------------------
-        chunks = [kept[i * len(kept) // n_mb:(i + 1) * len(kept) // n_mb] for i in range(n_mb)]
-        stats = {"loss": 0.0, "clip_frac_sum": 0.0, "entropy_sum": 0.0, "tokens": 0.0, "grad_norm": 0.0}
-        for chunk in chunks:
-            mbs = micro_batches_of(chunk)
-            norms = dict(num_seqs=len(chunk) * G, num_tokens=sum(m.sum() for *_, m in mbs))  # this update's |D|
-            optimizer.zero_grad(set_to_none=True)
-            for ps, r, ids, mb_mask in mbs:
-                T = ids.shape[1]
-                logprobs, entropy = logprobs_of(model, ps, ids, True)  # (b, T)
-                old = old_lp[r, :T] if n_mb > 1 else logprobs.detach()  # one update: pi_old = pi_theta, no extra forward
-                loss, s = reinforce_loss(logprobs, old, advantages[r], mb_mask, args.loss_agg, args.epsilon, args.epsilon_high,
-                                         args.dual_clip, args.beta, ref_lp[r, :T], args.entropy_coef, entropy, **norms)
-                if not torch.isfinite(loss):
-                    raise SystemExit(f"error: loss is {loss.item()} at step {step}; stopping before the update "
-                                     f"(the last saved model in {run_dir / 'model'} is untouched)")
+        gen_time = time.perf_counter() - t_step  # ---- 2. advantages ---------------------------------------------
+        advantages = reinforce_advantages(rewards, G, args.mean_zero, args.std_normalize)  # (P*G,): A = r
+        keep, rejected_correct, rejected_wrong = reject_groups(rewards, G, args.reject)  # (P,) each
+        rows = [i for i in range(len(lens)) if keep[i // G]]  # D: rejected groups are dropped, not zeroed
+        n_mb = min(args.num_minibatches, len(rows) // G)  # the paper's mini-batch updates, whole groups each
+        updates = [rows[G * (k * len(rows) // G // n_mb):G * ((k + 1) * len(rows) // G // n_mb)] for k in range(n_mb)]
+        # ---- 3. frozen log-probs: pi_old when there is more than one update, pi_ref for the KL ---------------
+        t_train, frozen = time.perf_counter(), (prompt_ids, prompt_mask, completion_ids, args.temperature, autocast)
+        batches = micro_batches(rows, G, args.micro_batch_prompts, lens)
+        old_logprobs = frozen_logprobs(model, batches, *frozen)[0] if len(updates) > 1 else None
+        ref_logprobs = frozen_logprobs(ref_model, batches, *frozen)[0] if ref_model is not None else None
+        # ---- 4. optimizer updates ---------------------------------------------------------------------------
+        stats = dict.fromkeys(("loss", "clip_frac_sum", "kl_sum", "entropy_sum", "tokens", "grad_norm"), 0.0)
+        for k, update_rows in enumerate(updates):
+            optimizer.zero_grad(set_to_none=False)
+            for ps, prompt_index, r, T in micro_batches(update_rows, G, args.micro_batch_prompts, lens):
+                with autocast():
+                    logprobs, entropy = completion_logprobs(model, prompt_ids[ps], prompt_mask[ps],
+                                                            completion_ids[r, :T], prompt_index, args.temperature,
+                                                            entropy_grad=args.entropy_coef > 0)
+                old = logprobs.detach() if k == 0 else old_logprobs[r, :T]  # before the first update pi_theta = pi_old
+                ref = ref_logprobs[r, :T] if ref_logprobs is not None else None
+                loss, s = reinforce_loss(logprobs, old, advantages[r], mask[r, :T], args.loss_type, args.epsilon,
+                                         args.epsilon_high, args.beta, ref, len(update_rows), mask[update_rows].sum(),
+                                         args.entropy_coef, entropy)  # normalizers: this mini-batch's |D|, tokens
+                stop_if_not_finite(loss.item(), "the loss", step, run_dir)
                 loss.backward()  # accumulates: the sum over micro-batches is the mini-batch gradient
-                stats["loss"] += loss.item() / n_mb
-                stats["clip_frac_sum"] += s["clip_frac_sum"]
-                stats["entropy_sum"] += float((entropy.detach() * mb_mask).sum())
-                stats["tokens"] += float(mb_mask.sum())
+                s.update(loss=loss.item() / len(updates), entropy_sum=float((entropy.detach() * mask[r, :T]).sum()),
+                         tokens=float(mask[r, :T].sum()))
+                stats = {key: stats[key] + s.get(key, 0.0) for key in stats}
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm))
-            if not math.isfinite(grad_norm):
-                raise SystemExit(f"error: gradient norm is {grad_norm} at step {step}; stopping before the update")
-            stats["grad_norm"] += grad_norm / n_mb
+            stop_if_not_finite(grad_norm, "the gradient norm", step, run_dir)
+            stats["grad_norm"] += grad_norm / len(updates)
             optimizer.step()
             scheduler.step()
-        if not chunks:  # every prompt rejected: nothing to divide by, so no update at all (not a zero-grad step)
-            skipped_updates += 1
-            tqdm.write(f"warning: step {step}: all {P} prompts rejected ({int(all_correct.sum())} all-correct, "
-                       f"{int(all_wrong.sum())} all-wrong): update skipped ({skipped_updates} skipped so far)")
-        train_time = time.perf_counter() - t_train
-        step_time = time.perf_counter() - t_step
-
-        # ---- 5. log -------------------------------------------------------------------------------------------
-        n_tok = stats["tokens"]
-        rej_c, rej_w = int((all_correct & ~keep).sum()), int((all_wrong & ~keep).sum())
+        if not updates:  # every prompt rejected: no update at all, not a zero-gradient AdamW step
+            skipped_updates, stats["loss"], stats["grad_norm"] = skipped_updates + 1, None, None
+            tqdm.write(f"warning: step {step}: every prompt rejected, update skipped ({skipped_updates} so far)")
+        train_time, step_time = time.perf_counter() - t_train, time.perf_counter() - t_step
+        n_tok = stats["tokens"]  # ---- 5. log, evaluate, save: loss keys are means over the tokens trained --------
+        per_token = {k: stats[f"{k}_sum"] / n_tok if n_tok else None for k in ("entropy", "kl", "clip_frac")}
         record = {"step": step, "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
-                  "correct": float(correct.float().mean()), "frac_zero_std": float((all_correct | all_wrong).float().mean()),
-                  "rejected_all_correct": rej_c, "rejected_all_wrong": rej_w, "frac_rejected": (rej_c + rej_w) / P,
-                  "kept_prompts": len(kept), "samples_used": len(kept) * G, "tokens_used": int(n_tok),
-                  "updates": len(chunks), "skipped_updates": skipped_updates, "truncated": float(truncated.float().mean()),
-                  "completion_len": float(lens.float().mean()),
-                  "entropy": stats["entropy_sum"] / n_tok if n_tok else None, "entropy_sampled": entropy_sampled,
-                  "kl": kl_to_start, "clip_frac": stats["clip_frac_sum"] / n_tok if n_tok else None,
-                  "loss": stats["loss"] if chunks else None, "grad_norm": stats["grad_norm"] if chunks else None,
-                  "lr": scheduler.get_last_lr()[0], "gen_time": round(gen_time, 3), "train_time": round(train_time, 3),
-                  "step_time": round(step_time, 3), "tokens_per_s": round(float(lens.sum()) / step_time, 1)}
-        log(record)
-        bar.set_postfix(reward=f"{record['reward']:.2f}")
-        fmt = lambda v, f: "-" if v is None else format(v, f)
-        tqdm.write(f"step {step:4d} | reward {record['reward']:.3f} acc {record['correct']:.2f} | rejected {rej_c}c/{rej_w}w "
-                   f"used {record['samples_used']}/{P * G} | len {record['completion_len']:.1f} trunc {record['truncated']:.2f} "
-                   f"| H {fmt(record['entropy'], '.3f')} | kl {fmt(record['kl'], '.4f')} | clip {fmt(record['clip_frac'], '.3f')} "
-                   f"| gnorm {fmt(record['grad_norm'], '.3f')} | gen {gen_time:.1f}s train {train_time:.1f}s")
-        if record["truncated"] > 0.5 and "truncated" not in warned:
-            warned.add("truncated")
-            tqdm.write(f"warning: {record['truncated']:.0%} of completions hit --max-new-tokens {args.max_new_tokens}; "
-                       "truncated answers usually score 0: consider raising it.")
+                  "correct": float((rewards > 0).float().mean()), "skipped_updates": skipped_updates,
+                  "rejected_all_correct": int(rejected_correct.sum()), "rejected_all_wrong": int(rejected_wrong.sum()),
+                  "kept_prompts": len(rows) // G, "frac_rejected": 1 - len(rows) / len(lens),
+                  "samples_used": len(rows), "updates": len(updates),
+                  "truncated": float(truncated_rows(completion_ids, lens, eos_ids).float().mean()),
+                  "completion_len": float(lens.float().mean()), "tokens_used": int(stats["tokens"]),
+                  **per_token, "kl": per_token["kl"] if ref_model is not None else None, "loss": stats["loss"],
+                  "grad_norm": stats["grad_norm"], "lr": scheduler.get_last_lr()[0], "gen_time": round(gen_time, 3),
+                  "train_time": round(train_time, 3), "step_time": round(step_time, 3),
+                  "tokens_per_s": round(float(lens.sum()) / step_time, 1)}
+        log_step(metrics_file, record, CONSOLE_FIELDS)
+        if record["truncated"] > 0.5 and not warned_truncated:
+            warned_truncated = True
+            tqdm.write(f"warning: {record['truncated']:.0%} of completions hit --max-new-tokens: consider raising it")
         if args.eval_every and step % args.eval_every == 0 and step != args.steps:
-            run_eval(step)
-            if not args.no_save:
-                common.save_pretrained_atomic(model, tokenizer, run_dir / "model")
-    bar.close()
-
-    after = run_eval(args.steps)
-    if not args.no_save:
-        common.save_pretrained_atomic(model, tokenizer, run_dir / "model")
+            evaluate(model, tokenizer, test_prompts, test, args, eos_ids, autocast, step, run_dir, metrics_file)
+            common.save_model(model, tokenizer, run_dir, args)
+    after = evaluate(model, tokenizer, test_prompts, test, args, eos_ids, autocast, args.steps, run_dir, metrics_file)
+    common.save_model(model, tokenizer, run_dir, args)
     metrics_file.close()
-    print(f"\n{'held-out (' + str(len(test)) + ' problems)':<28}{'before':>8}{'after':>8}")
-    print(f"{'greedy accuracy':<28}{before['eval/accuracy']:>8.1%}{after['eval/accuracy']:>8.1%}")
-    print(f"{'sampled accuracy (T=' + str(args.temperature) + ')':<28}{before['eval/sampled_accuracy']:>8.1%}"
-          f"{after['eval/sampled_accuracy']:>8.1%}")
-    if skipped_updates:
-        print(f"{skipped_updates} of {args.steps} steps had every prompt rejected and made no update")
-    print(f"metrics: {run_dir / 'metrics.jsonl'}" + ("" if args.no_save else f"   model: {run_dir / 'model'}"))
+    print(f"held-out greedy accuracy {before['eval/accuracy']:.1%} -> {after['eval/accuracy']:.1%}, sampled "
+          f"{before['eval/sampled_accuracy']:.1%} -> {after['eval/sampled_accuracy']:.1%}; metrics in {run_dir}")
     return before, after
 
 

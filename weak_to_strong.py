@@ -96,8 +96,9 @@ def parse_args(argv=None):
                                              "eval_batch_size"),
                       positive=("lr", "weak_lr", "warmup_frac", "temperature"),
                       non_negative=("weak_layers", "fewshot", "alpha_max", "eval_every"))
-    if args.warmup_frac > 1 or args.alpha_max > 1:
-        p.error(f"--warmup-frac and --alpha-max must be <= 1 (got {args.warmup_frac}, {args.alpha_max})")
+    for name in ("warmup_frac", "alpha_max"):  # fractions
+        if getattr(args, name) > 1:
+            p.error(f"--{name.replace('_', '-')} must be <= 1 (got {getattr(args, name)})")
     if args.prompts_per_step is not None:
         args.batch_size = args.prompts_per_step
     return args
@@ -293,12 +294,12 @@ def train_run(phase, model, tokenizer, texts, targets, labels, test, args, lr, a
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))  # measured, not clipped
         stop_if_not_finite(grad_norm, f"the {phase} gradient norm", step, run_dir)
-        lr_used = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
         # ---- 4. log, evaluate -------------------------------------------------------------------------------------
         pred = logits.detach().argmax(-1).cpu()  # (B,)
-        record = {"phase": phase, "step": step, "loss": loss.item(), "alpha": alpha, "lr": lr_used,
+        record = {"phase": phase, "step": step, "loss": loss.item(), "alpha": alpha,
+                  "lr": scheduler.get_last_lr()[0],
                   "grad_norm": grad_norm, "train/acc_gt": float((pred == labels[rows]).float().mean()),
                   "train/agree_target": float((pred == targets[rows].argmax(-1)).float().mean()),
                   "train/p1_mean": float(torch.softmax(logits.detach(), -1)[:, 1].mean()),

@@ -20,10 +20,10 @@ CHILD = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
          "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)")
 
 
-def m1_command(script, tokens, checkpointing, reward_spec):
+def m1_command(script, tokens, checkpointing, reward_spec, dtype):
     cmd = [sys.executable, str(script), "--temperature", "5", "--max-new-tokens", str(tokens), "--prompts-per-step",
            "2", "--num-generations", "8", "--steps", "1", "--eval-size", "2", "--eval-every", "0", "--no-save",
-           "--reward-fn", reward_spec, "--output-dir", f"/tmp/m1_{tokens}_{int(checkpointing)}"]
+           "--reward-fn", reward_spec, "--output-dir", f"/tmp/m1_{tokens}_{int(checkpointing)}", "--dtype", dtype]
     return cmd + (["--gradient-checkpointing"] if checkpointing else [])
 
 
@@ -32,16 +32,18 @@ def main():
     p.add_argument("--tokens", type=int, nargs="+", default=[128, 512], help="--max-new-tokens values")
     p.add_argument("--configs", nargs="+", default=["plain", "ckpt"], choices=["plain", "ckpt"])
     p.add_argument("--script", default=str(ROOT / "grpo.py"), help="the grpo.py to measure")
+    p.add_argument("--dtype", default="auto", help="the scripts' --dtype (float32 to compare across CPUs)")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     args = p.parse_args()
     reward_path = REWARD if REWARD.is_file() else Path("/tmp/alternating_reward.py")
     if not REWARD.is_file():
         reward_path.write_text(ALTERNATING)
     rows = []
-    print("| new tokens | gradient checkpointing | peak RSS (GB) | wall (s) |\n|---|---|---|---|")
+    print(f"{args.script} --dtype {args.dtype}\n| new tokens | gradient checkpointing | peak RSS (GB) | wall (s) |\n"
+          "|---|---|---|---|")
     for tokens in args.tokens:
         for config in args.configs:
-            cmd = m1_command(args.script, tokens, config == "ckpt", f"{reward_path}:reward")
+            cmd = m1_command(args.script, tokens, config == "ckpt", f"{reward_path}:reward", args.dtype)
             if config == "ckpt" and "--gradient-checkpointing" not in subprocess.run(
                     [sys.executable, args.script, "--help"], capture_output=True, text=True).stdout:
                 continue  # a baseline without the flag

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import ROOT
 
-SCRIPTS = ["grpo", "em", "raft", "reinforce_rej", "rest_em", "weak_to_strong"]
+SCRIPTS = ["grpo", "em", "raft", "reinforce_rej", "rest_em", "weak_to_strong", "iterative_dpo"]
 SHARED_FLAGS = {  # flag -> (value passed, attribute, parsed value)
     "--model": ("some/model", "model", "some/model"),
     "--dataset": ("arith:mul:1", "dataset", "arith:mul:1"),
@@ -51,5 +51,5 @@ def test_help_works_and_documents_every_shared_flag(script):
         assert flag in out.stdout, f"{script} --help lacks {flag}"
 
 
-def test_all_six_scripts_exist():
+def test_all_scripts_exist():
     assert PRESENT == SCRIPTS, f"missing: {sorted(set(SCRIPTS) - set(PRESENT))}"

@@ -1,12 +1,13 @@
 """raft.py: the RAFT loss (masked NLL on accepted samples) and the RAFT++ ratio/clip against hand-computed values;
-wrong samples contribute exactly zero; the training forward with a variable number of samples per prompt against a
-plain forward; a learning test that fails at lr = 0; RAFT++ == RAFT with one update; an end-to-end run."""
+wrong samples contribute exactly zero; micro-batch losses sum to the mini-batch loss; pi_old stays frozen across
+the mini-batch updates (the loop, not just the loss); a learning test that fails at lr = 0; RAFT++ == RAFT with
+one update; an end-to-end run; bad input. The shared plumbing (sampler, training forward) is tested in
+tests/test_shared.py on grpo.py's copy, which tests/test_consistency.py checks is byte-identical to raft.py's."""
 import json
 
 import pytest
 import torch
 
-import common
 import raft
 
 
@@ -22,21 +23,20 @@ def test_advantages_clamp_wrong_answers_to_zero_whatever_their_reward():
 LP = torch.log(torch.tensor([[0.5, 0.25, 0.9], [0.125, 0.3, 0.3]]))  # log pi of 2 accepted samples
 MASK = torch.tensor([[1.0, 1, 0], [1, 0, 0]])  # lengths 2 and 1
 ADV = torch.ones(2)
+LOG2 = 0.6931471805599453
 
 
-@pytest.mark.parametrize("loss_agg, expected", [
-    # per-sequence mean NLL: (log 2 + log 4) / 2 = 1.5 log 2 and log 8 = 3 log 2, then their mean
-    ("seq-mean-token-mean", (1.5 + 3) / 2 * 0.6931471805599453),
-    # NLL summed over the 3 valid tokens (log 2 + log 4 + log 8 = 6 log 2) / 3
-    ("token-mean", 6 / 3 * 0.6931471805599453),
+@pytest.mark.parametrize("loss_type, expected", [
+    ("grpo", (1.5 + 3) / 2 * LOG2),  # the paper's seq-mean-token-mean: (log 2 + log 4) / 2 and log 8, their mean
+    ("dapo", 6 / 3 * LOG2),          # the code's token-mean: (log 2 + log 4 + log 8) / 3 valid tokens
 ])
-def test_raft_loss_is_the_masked_nll_of_the_accepted_samples(loss_agg, expected):
+def test_raft_loss_is_the_masked_nll_of_the_accepted_samples(loss_type, expected):
     lp = LP.clone().requires_grad_()
-    loss, stats = raft.raft_loss(lp, lp.detach(), ADV, MASK, clip=False, loss_agg=loss_agg)
+    loss, stats = raft.raft_loss(lp, lp.detach(), ADV, MASK, loss_type, clip=False)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
-    assert stats["nll_sum"] == pytest.approx(6 * 0.6931471805599453, rel=1e-6) and stats["clip_frac_sum"] == 0
+    assert stats["nll_sum"] == pytest.approx(6 * LOG2, rel=1e-6) and stats["clip_frac_sum"] == 0
     loss.backward()
-    if loss_agg == "seq-mean-token-mean":  # d/dlogp: -1 / (|y_i| * |D|); masked positions get exactly 0
+    if loss_type == "grpo":  # d/dlogp: -1 / (|y_i| * |D|); masked positions get exactly 0
         assert torch.allclose(lp.grad, torch.tensor([[-1 / 4, -1 / 4, 0], [-1 / 2, 0, 0]]))
     else:
         assert torch.allclose(lp.grad, torch.tensor([[-1 / 3, -1 / 3, 0], [-1 / 3, 0, 0]]))
@@ -46,28 +46,30 @@ def test_raftpp_ratio_and_clip_hand_values():
     # token ratios s = pi/pi_old: 1.5 (clipped at 1 + 0.2), 0.5 (below 1 - eps: NOT clipped for A > 0), 1.1 (inside)
     old = torch.zeros(3, 1)
     lp = torch.log(torch.tensor([[1.5], [0.5], [1.1]])).requires_grad_()
-    loss, stats = raft.raft_loss(lp, old, torch.ones(3), torch.ones(3, 1), clip=True, eps_low=0.2, eps_high=0.2)
+    loss, stats = raft.raft_loss(lp, old, torch.ones(3), torch.ones(3, 1), eps_low=0.2, eps_high=0.2)
     assert loss.item() == pytest.approx(-(1.2 + 0.5 + 1.1) / 3, abs=1e-6)  # -(1/|D|) sum min(s, clip(s))
     assert stats["clip_frac_sum"] == 1
     loss.backward()
     assert lp.grad[0].item() == 0  # the clipped token carries no gradient
     assert lp.grad[1].item() == pytest.approx(-0.5 / 3)  # d(-s)/dlogp = -s, over |D| = 3
     assert lp.grad[2].item() == pytest.approx(-1.1 / 3)
+    _, stats = raft.raft_loss(lp, old, torch.ones(3), torch.ones(3, 1), clip=False)
+    assert stats["clip_frac_sum"] == 0  # plain RAFT has no clipped branch, whatever the ratio
 
 
 def test_raftpp_seq_mean_token_mean_hand_value():
     # sample 1: s = (2, 1), A = 1 -> min(s, clip(s)) = (1.2, 1), token mean 1.1; sample 2: s = 0.7 -> 0.7
     lp = torch.log(torch.tensor([[2.0, 1.0], [0.7, 5.0]]))
-    loss, stats = raft.raft_loss(lp, torch.zeros(2, 2), ADV, torch.tensor([[1.0, 1], [1, 0]]), clip=True)
+    loss, stats = raft.raft_loss(lp, torch.zeros(2, 2), ADV, torch.tensor([[1.0, 1], [1, 0]]), "grpo")
     assert loss.item() == pytest.approx(-(1.1 + 0.7) / 2, abs=1e-6)
     assert stats["clip_frac_sum"] == 1  # the masked token with s = 5 is not counted
 
 
 def test_clip_higher_and_no_clip_ablation():
     lp, old, one = torch.log(torch.tensor([[1.25]])), torch.zeros(1, 1), torch.ones(1, 1)
-    assert raft.raft_loss(lp, old, torch.ones(1), one, True, eps_low=0.2, eps_high=0.2)[0].item() == pytest.approx(-1.2)
-    assert raft.raft_loss(lp, old, torch.ones(1), one, True, eps_low=0.2, eps_high=0.28)[0].item() == pytest.approx(-1.25)
-    assert raft.raft_loss(lp, old, torch.ones(1), one, True, eps_low=1e9, eps_high=1e9)[0].item() == pytest.approx(-1.25)
+    assert raft.raft_loss(lp, old, torch.ones(1), one, eps_low=0.2, eps_high=0.2)[0].item() == pytest.approx(-1.2)
+    assert raft.raft_loss(lp, old, torch.ones(1), one, eps_low=0.2, eps_high=0.28)[0].item() == pytest.approx(-1.25)
+    assert raft.raft_loss(lp, old, torch.ones(1), one, eps_low=1e9, eps_high=1e9)[0].item() == pytest.approx(-1.25)
 
 
 def test_raftpp_gradient_equals_raft_gradient_at_ratio_one():
@@ -89,8 +91,8 @@ def test_wrong_samples_contribute_exactly_zero_and_are_not_in_the_denominator():
     for clip in (False, True):
         accepted_only, _ = raft.raft_loss(lp, lp.detach(), ADV, MASK, clip=clip)
         both = torch.cat([lp, wrong])
-        with_zeroed, _ = raft.raft_loss(both, both.detach(), torch.tensor([1.0, 1, 0]), torch.cat([MASK, torch.ones(1, 3)]),
-                                        clip=clip, num_seqs=2)  # |D| = 2: the wrong row is not counted
+        with_zeroed, _ = raft.raft_loss(both, both.detach(), torch.tensor([1.0, 1, 0]),
+                                        torch.cat([MASK, torch.ones(1, 3)]), num_seqs=2, clip=clip)  # |D| = 2
         assert with_zeroed.item() == pytest.approx(accepted_only.item())
         wrong.grad = None
         with_zeroed.backward()
@@ -103,84 +105,33 @@ def test_wrong_samples_contribute_exactly_zero_and_are_not_in_the_denominator():
 def test_k3_kl_and_entropy_bonus_hand_values():
     lp = torch.zeros(1, 1, requires_grad=True)
     ref = torch.log(torch.tensor([[2.0]]))  # pi_ref / pi = 2: k3 = 2 - log 2 - 1
-    ent = torch.tensor([[3.0]])
-    loss, stats = raft.raft_loss(lp, lp.detach(), torch.ones(1), torch.ones(1, 1), True, beta=0.1, ref_logprobs=ref,
-                                 entropy_coef=0.01, entropy=ent)
-    k3 = 1 - torch.log(torch.tensor(2.0)).item()
+    loss, stats = raft.raft_loss(lp, lp.detach(), torch.ones(1), torch.ones(1, 1), beta=0.1, ref_logprobs=ref,
+                                 entropy_coef=0.01, entropy=torch.tensor([[3.0]]))
+    k3 = 1 - LOG2
     assert stats["kl_sum"] == pytest.approx(k3)
     assert loss.item() == pytest.approx(-1 + 0.1 * k3 - 0.01 * 3.0)
 
 
-# ---- the training forward --------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    tok = common.load_tokenizer(tiny_model_dir)
-    model = common.load_model(tiny_model_dir, torch.device("cpu"))
-    return model.eval(), tok
-
-
-def plain_logprobs(model, prompt_ids, prompt_mask, completion_ids, prompt_index, temperature):
-    """Reference: one forward over [prompt; completion] per sample, full log-softmax of logits / T."""
-    ids = torch.cat([prompt_ids[prompt_index], completion_ids], 1)
-    mask = torch.cat([prompt_mask[prompt_index], torch.ones_like(completion_ids)], 1)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
-    Lp = prompt_ids.shape[1]
-    return (logits[:, Lp - 1:-1] / temperature).log_softmax(-1).gather(-1, completion_ids[..., None]).squeeze(-1)
-
-
-def test_variable_samples_per_prompt_forward_equals_plain_forward_values_and_grads(tiny):
-    model, tok = tiny
-    ids, mask = raft.tokenize_prompts(tok, ["Question: 1+1?\nAnswer:", "Q: 22 + 33 = ?", "Q: 9*9"], "cpu")
-    assert mask[1, 0] == 0  # left padding is exercised
-    prompt_index = torch.tensor([0, 0, 0, 2])  # prompt 0 kept 3 samples, prompt 1 none, prompt 2 one
-    completions = torch.randint(2, 80, (4, 5), generator=torch.Generator().manual_seed(0))
-    lp, _ = raft.completion_logprobs(model, ids, mask, completions, prompt_index, 0.7)
-    lp.sum().backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    ref = plain_logprobs(model, ids, mask, completions, prompt_index, 0.7)
-    ref.sum().backward()
-    assert torch.allclose(lp, ref, atol=1e-5)
-    for g, p in zip(grads, model.parameters()):
-        assert torch.allclose(g, p.grad, atol=1e-5)
-    model.zero_grad()
-
-
-def test_micro_batches_give_the_mini_batch_gradient(tiny):
-    model, tok = tiny
-    ids, mask = raft.tokenize_prompts(tok, ["Q: 1+1?", "Q: 2+2 is", "Question: 7*8?"], "cpu")
-    completions = torch.randint(2, 80, (5, 6), generator=torch.Generator().manual_seed(2))
-    owner = torch.tensor([0, 0, 1, 2, 2])  # accepted rows and the prompt each one continues
-    lens = torch.tensor([6, 3, 4, 1, 2])
-    cmask = raft.completion_mask_from_lens(lens, 6)
-    adv = torch.ones(5)
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_micro_batch_losses_sum_to_the_mini_batch_loss(loss_type):
+    lp = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    old = lp + 0.3 * torch.randn(5, 4, generator=torch.Generator().manual_seed(2))
+    mask = (torch.arange(4)[None, :] < torch.tensor([4, 2, 3, 1, 4])[:, None]).float()
     for clip in (False, True):
-        for loss_agg in ("seq-mean-token-mean", "token-mean"):
-            norms = dict(num_seqs=5, num_tokens=cmask.sum())
-            model.zero_grad()
-            lp, _ = raft.completion_logprobs(model, ids, mask, completions, owner, 1.0)
-            raft.raft_loss(lp, lp.detach() + 0.1, adv, cmask, clip, loss_agg, **norms)[0].backward()
-            full = [p.grad.clone() for p in model.parameters()]
-            model.zero_grad()
-            for ps, rows in (([0], [0, 1]), ([1, 2], [2, 3, 4])):
-                r = torch.tensor(rows)
-                T = int(lens[r].max())  # trimmed like the training loop does
-                local = torch.searchsorted(torch.tensor(ps), owner[r])
-                lp, _ = raft.completion_logprobs(model, ids[ps], mask[ps], completions[r, :T], local, 1.0)
-                raft.raft_loss(lp, lp.detach() + 0.1, adv[r], cmask[r, :T], clip, loss_agg, **norms)[0].backward()
-            for g, p in zip(full, model.parameters()):
-                assert torch.allclose(g, p.grad, atol=1e-6), (clip, loss_agg)
-    model.zero_grad()
+        full = raft.raft_loss(lp, old, torch.ones(5), mask, loss_type, clip=clip)[0]
+        norms = dict(num_seqs=5, num_tokens=mask.sum(), clip=clip)
+        parts = [raft.raft_loss(lp[s], old[s], torch.ones(5)[s], mask[s], loss_type, **norms)[0]
+                 for s in (slice(0, 2), slice(2, 5))]
+        assert sum(parts).item() == pytest.approx(full.item(), abs=1e-6)
 
 
-def test_completion_mask_keeps_eos():
-    assert raft.completion_mask_from_lens(torch.tensor([3, 1]), 4).tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
-
-
-# ---- learning, end to end, bad input ---------------------------------------------------------------------
+# ---- the training loop on the tiny model -----------------------------------------------------------------
 REWARDS = '''
 def digit_correct(prompts, completions, records):  # "correct" = more than 30% of the characters are digits
     return [1.0 if sum(c.isdigit() for c in t) / max(len(t), 1) > 0.3 else -1.0 for t in completions]
+
+def always_right(prompts, completions, records):
+    return [1.0] * len(completions)
 
 def always_wrong(prompts, completions, records):
     return [-1.0] * len(completions)
@@ -196,10 +147,22 @@ def run(tiny_model_dir, tmp_path, name, *extra, fn="digit_correct", steps=20):
     return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "correct" in r]
 
 
+def test_pi_old_stays_frozen_across_the_minibatch_updates(tiny_model_dir, tmp_path, monkeypatch):
+    extra = ("--num-minibatches", "4", "--lr", "3e-2", "--warmup-steps", "0")  # every sample accepted: 4 x 8 rows
+    frozen = run(tiny_model_dir, tmp_path, "frozen", *extra, fn="always_right", steps=3)
+    assert all(r["updates"] == 4 for r in frozen)
+    assert max(r["clip_frac"] for r in frozen) > 0  # with pi_old frozen, later updates move off it and clip
+    original = raft.raft_loss  # the regression: old log-probs recomputed before every update, so ratio == 1
+    monkeypatch.setattr(raft, "raft_loss", lambda lp, old, *a, **k: original(lp, lp.detach(), *a, **k))
+    recomputed = run(tiny_model_dir, tmp_path, "recomputed", *extra, fn="always_right", steps=3)
+    assert all(r["clip_frac"] == 0 for r in recomputed)
+    assert [r["grad_norm"] for r in frozen] != [r["grad_norm"] for r in recomputed]
+
+
 @pytest.mark.parametrize("variant", [[], ["--no-clip"]])
 def test_learning_tiny_model_raises_the_fraction_correct(tiny_model_dir, tmp_path, variant):
     trained = [r["correct"] for r in run(tiny_model_dir, tmp_path, "lr", *variant)]
-    frozen = [r["correct"] for r in run(tiny_model_dir, tmp_path, "lr0", *variant, "--lr", "0")]
+    frozen = [r["correct"] for r in run(tiny_model_dir, tmp_path, "lr0", *variant, "--lr", "1e-30")]
     first, last, last_frozen = sum(trained[:5]) / 5, sum(trained[-5:]) / 5, sum(frozen[-5:]) / 5
     assert last > first + 0.3 and last > last_frozen + 0.3, (first, last, last_frozen)
 
@@ -216,14 +179,14 @@ def test_raftpp_with_one_update_per_batch_is_raft_and_differs_with_two(tiny_mode
     assert all(r["updates"] == min(2, r["samples_used"]) for r in pp2)
 
 
-def test_all_wrong_batches_leave_the_weights_untouched(tiny_model_dir, tmp_path):
+def test_all_wrong_batches_leave_the_weights_untouched(tiny_model_dir, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
-    records = run(tiny_model_dir, tmp_path, "wrong", "--weight-decay", "0.1", fn="always_wrong", steps=2)
-    assert [r["updates"] for r in records] == [0, 0] and records[-1]["skipped_updates"] == 2
+    records = run(tiny_model_dir, tmp_path, "wrong", "--weight-decay", "0.1", fn="always_wrong", steps=3)
+    assert [r["updates"] for r in records] == [0, 0, 0] and records[-1]["skipped_updates"] == 3
     assert all(r["frac_no_correct"] == 1.0 and r["samples_used"] == 0 and r["loss"] is None for r in records)
-    assert all(r["entropy"] > 0 for r in records)  # the policy entropy is logged even when nothing is trained
+    assert all(r["entropy"] is None and r["entropy_sampled"] > 0 for r in records)  # sampled entropy: every step
+    assert "3 steps with no correct completion" in capsys.readouterr().out
     # and the saved model is bitwise the start model (no zero-gradient step, no weight decay step)
-    (tmp_path / "rewards.py").write_text(REWARDS)
     raft.main(["--model", tiny_model_dir, "--reward-fn", f"{tmp_path / 'rewards.py'}:always_wrong", "--steps", "2",
                "--max-new-tokens", "4", "--eval-every", "0", "--eval-size", "2", "--weight-decay", "0.1",
                "--output-dir", str(tmp_path / "saved")])
@@ -236,8 +199,9 @@ def test_same_seed_same_metrics(tiny_model_dir, tmp_path):
     runs = []
     for name in ("a", "b"):
         raft.main(["--model", tiny_model_dir, "--steps", "2", "--prompts-per-step", "2", "--num-generations", "4",
-                   "--max-new-tokens", "6", "--eval-every", "0", "--eval-size", "4", "--output-dir", str(tmp_path / name),
-                   "--no-save", "--beta", "0.1", "--entropy-coef", "0.01", "--incorrect-reward", "0"])
+                   "--max-new-tokens", "6", "--eval-every", "0", "--eval-size", "4", "--output-dir",
+                   str(tmp_path / name), "--no-save", "--beta", "0.1", "--entropy-coef", "0.01", "--incorrect-reward",
+                   "0", "--loss-type", "dapo"])
         runs.append([{k: v for k, v in json.loads(line).items() if "time" not in k and k != "tokens_per_s"}
                      for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()])
     assert runs[0] == runs[1]
@@ -246,16 +210,17 @@ def test_same_seed_same_metrics(tiny_model_dir, tmp_path):
 def test_end_to_end_on_embedded_model(embedded_model_dir, tmp_path):
     out = tmp_path / "run"
     raft.main(["--steps", "2", "--prompts-per-step", "2", "--num-generations", "2", "--max-new-tokens", "16",
-               "--eval-size", "4", "--eval-every", "1", "--output-dir", str(out)])
+               "--eval-size", "4", "--eval-every", "1", "--log-kl", "--output-dir", str(out)])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "reward" in r]
     evals = [r for r in records if "eval/accuracy" in r]
     assert [r["step"] for r in steps] == [1, 2]
-    for key in ("step_time", "entropy", "frac_no_correct", "correct", "samples_used", "clip_frac", "nll", "loss"):
+    for key in ("step_time", "entropy", "entropy_sampled", "frac_no_correct", "correct", "samples_used",
+                "clip_frac", "nll", "kl", "loss", "skipped_updates"):
         assert all(key in r for r in steps), key
-    assert all(r["entropy"] > 0 for r in steps)
+    assert all(r["entropy_sampled"] > 0 for r in steps)
     assert [r["step"] for r in evals] == [0, 1, 2] and all("eval/sampled_accuracy" in r for r in evals)
-    assert json.loads((out / "args.json").read_text())["algo"] == "raftpp"
+    assert json.loads((out / "args.json").read_text())["no_clip"] is False
     assert (out / "samples.jsonl").exists()
     from transformers import AutoModelForCausalLM
     reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
@@ -265,10 +230,16 @@ def test_end_to_end_on_embedded_model(embedded_model_dir, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--incorrect-reward", "0.5"], "--incorrect-reward must be <= 0"),
+    (["--incorrect-reward", "nan"], "--incorrect-reward must be <= 0"),
     (["--num-minibatches", "0"], "--num-minibatches must be >= 1"),
-    (["--loss-agg", "sum"], "invalid choice"),
-    (["--epsilon", "0"], "--epsilon and --epsilon-high must be > 0"),
+    (["--loss-type", "sum"], "invalid choice"),
+    (["--loss-type", "dr_grpo"], "invalid choice"),
+    (["--epsilon", "0"], "--epsilon must be > 0"),
+    (["--epsilon-high", "-1"], "--epsilon-high must be > 0"),
     (["--temperature", "0"], "--temperature must be > 0"),
+    (["--entropy-coef", "-0.1"], "--entropy-coef must be >= 0"),
+    (["--beta", "nan"], "--beta must be >= 0"),
+    (["--num-generations", "0"], "--num-generations must be >= 1"),
 ])
 def test_bad_flags_give_a_clear_error(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -1,40 +1,41 @@
-"""reinforce_rej.py: the rejection filter (both switches), advantages, the loss against hand-computed values
-(aggregation, dropped prompts out of the denominator, clipping, dual-clip, KL, entropy), the +-1 vs 0/1 reward
-scale, the all-rejected step, a learning test, determinism, an end-to-end run and bad flags."""
+"""reinforce_rej.py: the rejection filter (every --reject choice), advantages, the loss against hand-computed values
+(aggregation, dropped prompts out of the denominator, clipping, KL, entropy), the +-1 vs 0/1 reward scale, pi_old
+frozen across the mini-batch updates (the loop, not just the loss), the all-rejected step, a learning test,
+determinism, an end-to-end run and bad flags. The shared plumbing is tested in tests/test_shared.py."""
 import json
 import math
 
 import pytest
 import torch
 
-import common
 import reinforce_rej as rr
 
 
 # ---- the rejection filter --------------------------------------------------------------------------------
-# 4 prompts x 3 samples: mixed, all correct, all wrong, mixed
-CORRECT = torch.tensor([1, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1], dtype=torch.bool)
-REWARDS = torch.where(CORRECT, 1.0, -1.0)
+# 4 prompts x 3 samples: mixed, all correct, all wrong, mixed (rewards +1 / -1: correct means r > 0)
+REWARDS = torch.tensor([1.0, -1, 1, 1, 1, 1, -1, -1, -1, -1, -1, 1])
 
 
-@pytest.mark.parametrize("sides, kept", [
-    (["all_correct", "all_wrong"], [True, False, False, True]),   # Reinforce-Rej: only mixed groups survive
-    (["all_wrong"], [True, True, False, True]),                    # ablation "remove all wrong"
-    (["all_correct"], [True, False, True, True]),                  # ablation "remove all correct"
-    ([], [True, True, True, True]),                                # vanilla Reinforce
+@pytest.mark.parametrize("reject, kept", [
+    ("all_correct,all_wrong", [True, False, False, True]),  # Reinforce-Rej: only mixed groups survive
+    ("all_wrong", [True, True, False, True]),               # ablation "remove all wrong"
+    ("all_correct", [True, False, True, True]),             # ablation "remove all correct"
+    ("none", [True, True, True, True]),                     # vanilla Reinforce
 ])
-def test_reject_groups_switches(sides, kept):
-    keep, all_correct, all_wrong = rr.reject_groups(REWARDS, CORRECT, 3, sides)
+def test_reject_groups_choices(reject, kept):
+    keep, rejected_correct, rejected_wrong = rr.reject_groups(REWARDS, 3, reject)
     assert keep.tolist() == kept
-    assert all_correct.tolist() == [False, True, False, False] and all_wrong.tolist() == [False, False, True, False]
+    assert rejected_correct.tolist() == [False, "all_correct" in reject, False, False]
+    assert rejected_wrong.tolist() == [False, False, "all_wrong" in reject, False]
 
 
 def test_reject_groups_with_zero_one_rewards_and_continuous_custom_rewards():
-    keep, _, _ = rr.reject_groups(torch.where(CORRECT, 1.0, 0.0), CORRECT, 3, ["all_correct", "all_wrong"])
+    keep, _, _ = rr.reject_groups(torch.where(REWARDS > 0, 1.0, 0.0), 3, "all_correct,all_wrong")
     assert keep.tolist() == [True, False, False, True]  # the scale does not change which groups are uniform
     r = torch.tensor([0.2, 0.5, 0.9, 0.4, 0.4, 0.4])  # custom reward: only equal rewards make a group uniform
-    keep, ac, aw = rr.reject_groups(r, r > 0, 3, ["all_correct", "all_wrong"])
-    assert keep.tolist() == [True, False] and ac.tolist() == [False, True] and aw.tolist() == [False, False]
+    keep, rejected_correct, rejected_wrong = rr.reject_groups(r, 3, "all_correct,all_wrong")
+    assert keep.tolist() == [True, False] and rejected_correct.tolist() == [False, True]
+    assert rejected_wrong.tolist() == [False, False]
 
 
 # ---- advantages ------------------------------------------------------------------------------------------
@@ -56,22 +57,22 @@ MASK = torch.tensor([[1.0, 1, 0], [1, 0, 0]])
 ADV = torch.tensor([1.0, -1.0])
 
 
-@pytest.mark.parametrize("agg, kwargs, expected", [
-    ("seq-mean-token-mean", {}, (-1.0 + 1.0) / 2),                 # per-sequence token means -1 and +1, then mean
-    ("token-mean", {}, (-1 - 1 + 1) / 3),                           # token-sum over the 3 valid tokens
-    ("seq-mean-token-mean", {"num_seqs": 4}, (-1.0 + 1.0) / 4),    # a mini-batch normalizer overrides the local one
-    ("token-mean", {"num_tokens": 6.0}, (-1 - 1 + 1) / 6),
+@pytest.mark.parametrize("loss_type, kwargs, expected", [
+    ("grpo", {}, (-1.0 + 1.0) / 2),                 # the paper's: per-sequence token means -1 and +1, then mean
+    ("dapo", {}, (-1 - 1 + 1) / 3),                 # the code's token-mean over the 3 valid tokens
+    ("grpo", {"num_seqs": 4}, (-1.0 + 1.0) / 4),    # a mini-batch normalizer overrides the local one
+    ("dapo", {"num_tokens": 6.0}, (-1 - 1 + 1) / 6),
 ])
-def test_loss_aggregation_hand_values(agg, kwargs, expected):
+def test_loss_aggregation_hand_values(loss_type, kwargs, expected):
     lp = torch.zeros(2, 3, requires_grad=True)  # ratio 1: the per-token loss is -A = -r
-    loss, stats = rr.reinforce_loss(lp, lp.detach(), ADV, MASK, agg, **kwargs)
+    loss, stats = rr.reinforce_loss(lp, lp.detach(), ADV, MASK, loss_type, **kwargs)
     assert loss.item() == pytest.approx(expected)
     assert stats["clip_frac_sum"] == 0
 
 
 def test_paper_aggregation_gradient_hand_values():
     lp = torch.zeros(2, 3, requires_grad=True)
-    loss, _ = rr.reinforce_loss(lp, lp.detach(), ADV, MASK, "seq-mean-token-mean")
+    loss, _ = rr.reinforce_loss(lp, lp.detach(), ADV, MASK, "grpo")
     loss.backward()  # d/dlogp of -(1/2) * (1/|y_i|) * A_i: -1/4 on the 2 tokens of y_1, +1/2 on the 1 token of y_2
     assert torch.allclose(lp.grad, torch.tensor([[-0.25, -0.25, 0], [0.5, 0, 0]]))
 
@@ -80,8 +81,8 @@ def test_dropped_prompts_leave_the_denominator():
     """Reinforce-Rej as the paper defines it: the loss over the kept samples only. The released code instead keeps
     the filtered samples with A = 0, which shrinks the gradient by kept / total; we check we do the former."""
     lp = torch.zeros(4, 2, requires_grad=True)
-    rewards, correct = torch.tensor([1.0, -1, 1, 1]), torch.tensor([True, False, True, True])  # 2 groups of 2
-    keep, _, _ = rr.reject_groups(rewards, correct, 2, ["all_correct", "all_wrong"])
+    rewards = torch.tensor([1.0, -1, 1, 1])  # 2 groups of 2: mixed, all correct
+    keep, _, _ = rr.reject_groups(rewards, 2, "all_correct,all_wrong")
     assert keep.tolist() == [True, False]
     rows = torch.tensor([0, 1])  # the training loop passes only the kept groups' rows and their count
     loss, _ = rr.reinforce_loss(lp[rows], lp[rows].detach(), rewards[rows], torch.ones(2, 2), num_seqs=2)
@@ -98,7 +99,7 @@ def test_clipping_hand_values():
     # tokens: (ratio 1.5, A=+1) clipped at 1.2 | (ratio 0.5, A=-1) clipped at 0.8 | (ratio 0.5, A=+1) not clipped
     old = torch.zeros(3, 1)
     lp = torch.log(torch.tensor([[1.5], [0.5], [0.5]])).requires_grad_()
-    loss, stats = rr.reinforce_loss(lp, old, torch.tensor([1.0, -1.0, 1.0]), torch.ones(3, 1), "token-mean")
+    loss, stats = rr.reinforce_loss(lp, old, torch.tensor([1.0, -1.0, 1.0]), torch.ones(3, 1), "dapo")
     assert loss.item() == pytest.approx((-1.2 + 0.8 - 0.5) / 3, abs=1e-6)
     assert stats["clip_frac_sum"] == 2
     loss.backward()
@@ -106,18 +107,12 @@ def test_clipping_hand_values():
     assert lp.grad[2].item() == pytest.approx(-0.5 / 3)
 
 
-def test_dual_clip_caps_the_negative_advantage_loss():
-    lp, old, mask = torch.log(torch.tensor([[5.0]])), torch.zeros(1, 1), torch.ones(1, 1)
-    assert rr.reinforce_loss(lp, old, torch.tensor([-1.0]), mask)[0].item() == pytest.approx(5.0)  # -min(-5, -1.2)
-    assert rr.reinforce_loss(lp, old, torch.tensor([-1.0]), mask, dual_clip=3.0)[0].item() == pytest.approx(3.0)
-    assert rr.reinforce_loss(lp, old, torch.tensor([1.0]), mask, dual_clip=3.0)[0].item() == pytest.approx(-1.2)
-
-
 def test_kl_and_entropy_extras_hand_values():
     lp = torch.zeros(1, 1, requires_grad=True)
     ref, ent = torch.log(torch.tensor([[2.0]])), torch.tensor([[0.7]])
-    loss, _ = rr.reinforce_loss(lp, lp.detach(), torch.tensor([1.0]), torch.ones(1, 1), beta=0.1, ref_logprobs=ref,
-                                entropy_coef=0.01, entropy=ent)
+    loss, stats = rr.reinforce_loss(lp, lp.detach(), torch.tensor([1.0]), torch.ones(1, 1), beta=0.1,
+                                    ref_logprobs=ref, entropy_coef=0.01, entropy=ent)
+    assert stats["kl_sum"] == pytest.approx(2 - math.log(2) - 1)
     assert loss.item() == pytest.approx(-1 + 0.1 * (2 - math.log(2) - 1) - 0.01 * 0.7)
 
 
@@ -128,8 +123,7 @@ def test_incorrect_reward_zero_gives_wrong_answers_no_gradient():
     grads = {}
     for wrong in (-1.0, 0.0):
         rewards = torch.where(correct, 1.0, wrong)
-        keep, _, _ = rr.reject_groups(rewards, correct, 4, ["all_correct", "all_wrong"])
-        assert keep.tolist() == [True]
+        assert rr.reject_groups(rewards, 4, "all_correct,all_wrong")[0].tolist() == [True]
         lp = torch.zeros(4, 1, requires_grad=True)
         rr.reinforce_loss(lp, lp.detach(), rr.reinforce_advantages(rewards, 4), torch.ones(4, 1))[0].backward()
         grads[wrong] = lp.grad.squeeze(1)
@@ -143,32 +137,17 @@ def test_incorrect_reward_zero_gives_wrong_answers_no_gradient():
 def test_micro_batches_sum_to_the_mini_batch_loss():
     lp = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
     old = lp + 0.3 * torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
-    mask = rr.completion_mask_from_lens(torch.tensor([4, 2, 3, 1, 4, 2]), 4)
+    mask = (torch.arange(4)[None, :] < torch.tensor([4, 2, 3, 1, 4, 2])[:, None]).float()
     adv = torch.tensor([1.0, -1, 1, 1, -1, -1])
-    for agg in ("seq-mean-token-mean", "token-mean"):
-        full = rr.reinforce_loss(lp, old, adv, mask, agg)[0]
+    for loss_type in ("grpo", "dapo"):
+        full = rr.reinforce_loss(lp, old, adv, mask, loss_type)[0]
         norms = dict(num_seqs=6, num_tokens=mask.sum())
-        parts = sum(rr.reinforce_loss(lp[s], old[s], adv[s], mask[s], agg, **norms)[0] for s in (slice(0, 2), slice(2, 6)))
-        assert parts.item() == pytest.approx(full.item(), abs=1e-6), agg
+        parts = sum(rr.reinforce_loss(lp[s], old[s], adv[s], mask[s], loss_type, **norms)[0]
+                    for s in (slice(0, 2), slice(2, 6)))
+        assert parts.item() == pytest.approx(full.item(), abs=1e-6), loss_type
 
 
-# ---- the training forward (entropy gradient for the optional bonus) ---------------------------------------
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    return common.load_model(tiny_model_dir, torch.device("cpu")).eval(), common.load_tokenizer(tiny_model_dir)
-
-
-def test_entropy_has_a_gradient_only_when_asked(tiny):
-    model, tok = tiny
-    ids, mask = rr.tokenize_prompts(tok, ["Q: 1+1?"], "cpu")
-    completions = torch.randint(2, 80, (2, 4), generator=torch.Generator().manual_seed(0))
-    _, ent = rr.completion_logprobs(model, ids, mask, completions, 2, 1.0)
-    assert not ent.requires_grad
-    _, ent = rr.completion_logprobs(model, ids, mask, completions, 2, 1.0, entropy_grad=True)
-    assert ent.requires_grad
-
-
-# ---- learning, the all-rejected step, determinism, end to end, bad input ---------------------------------
+# ---- the training loop on the tiny model -----------------------------------------------------------------
 SIGNED_DIGIT_REWARD = '''
 def signed_digits(prompts, completions, records):  # in [-1, 1]: +1 for all digits, -1 for none
     return [2 * sum(c.isdigit() for c in text) / max(len(text), 1) - 1 for text in completions]
@@ -182,21 +161,32 @@ def read_metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def learning_run(tiny_model_dir, tmp_path, lr):
+def run(tiny_model_dir, tmp_path, name, *extra, fn="signed_digits", steps=25):
     (tmp_path / "reward.py").write_text(SIGNED_DIGIT_REWARD)
-    out = tmp_path / f"run_{lr}"
-    rr.main(["--model", tiny_model_dir, "--reward-fn", f"{tmp_path / 'reward.py'}:signed_digits", "--steps", "25",
-             "--prompts-per-step", "4", "--num-generations", "8", "--max-new-tokens", "8", "--lr", str(lr),
-             "--num-minibatches", "2", "--no-log-kl", "--eval-every", "0", "--eval-size", "4", "--output-dir", str(out),
-             "--no-save", "--seed", "0"])
-    rewards = [r["reward"] for r in read_metrics(out) if "reward" in r]
-    return sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    rr.main(["--model", tiny_model_dir, "--reward-fn", f"{tmp_path / 'reward.py'}:{fn}", "--steps", str(steps),
+             "--prompts-per-step", "4", "--num-generations", "8", "--max-new-tokens", "8", "--eval-every", "0",
+             "--eval-size", "4", "--output-dir", str(tmp_path / name), "--no-save", "--seed", "0", *extra])
+    return [r for r in read_metrics(tmp_path / name) if "reward" in r]
+
+
+def test_pi_old_stays_frozen_across_the_minibatch_updates(tiny_model_dir, tmp_path, monkeypatch):
+    extra = ("--num-minibatches", "4", "--lr", "3e-2", "--warmup-steps", "0")  # continuous rewards: 4 groups kept
+    frozen = run(tiny_model_dir, tmp_path, "frozen", *extra, steps=3)
+    assert all(r["updates"] == 4 for r in frozen)
+    assert max(r["clip_frac"] for r in frozen) > 0  # with pi_old frozen, later updates move off it and clip
+    original = rr.reinforce_loss  # the regression: old log-probs recomputed before every update, so ratio == 1
+    monkeypatch.setattr(rr, "reinforce_loss", lambda lp, old, *a, **k: original(lp, lp.detach(), *a, **k))
+    recomputed = run(tiny_model_dir, tmp_path, "recomputed", *extra, steps=3)
+    assert all(r["clip_frac"] == 0 for r in recomputed)
+    assert [r["grad_norm"] for r in frozen] != [r["grad_norm"] for r in recomputed]
 
 
 def test_learning_tiny_model_raises_reward_and_lr_zero_does_not(tiny_model_dir, tmp_path):
-    first, last = learning_run(tiny_model_dir, tmp_path, 1e-2)
+    rewards = [r["reward"] for r in run(tiny_model_dir, tmp_path, "lr", "--lr", "1e-2")]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.5, (first, last)  # measured: -0.72 -> +0.99
-    first0, last0 = learning_run(tiny_model_dir, tmp_path, 0.0)  # the same run without learning fails the bar
+    rewards = [r["reward"] for r in run(tiny_model_dir, tmp_path, "lr0", "--lr", "1e-30")]
+    first0, last0 = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5  # the same run without learning fails the bar
     assert last0 < first0 + 0.5, (first0, last0)
 
 
@@ -205,13 +195,12 @@ def test_all_rejected_steps_skip_the_update(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     rr.main(["--model", tiny_model_dir, "--reward-fn", f"{tmp_path / 'reward.py'}:always_right", "--steps", "2",
              "--prompts-per-step", "2", "--num-generations", "3", "--max-new-tokens", "4", "--eval-every", "0",
-             "--eval-size", "2", "--output-dir", str(out)])
+             "--eval-size", "2", "--weight-decay", "0.1", "--output-dir", str(out)])
     steps = [r for r in read_metrics(out) if "reward" in r]
     assert [r["skipped_updates"] for r in steps] == [1, 2]
-    assert all(r["rejected_all_correct"] == 2 and r["samples_used"] == 0 and r["updates"] == 0 and r["loss"] is None
-               for r in steps)
-    captured = capsys.readouterr()
-    assert "update skipped (2 skipped so far)" in captured.out + captured.err
+    assert all(r["rejected_all_correct"] == 2 and r["frac_rejected"] == 1 and r["samples_used"] == 0
+               and r["updates"] == 0 and r["loss"] is None for r in steps)
+    assert "update skipped (2 so far)" in capsys.readouterr().out
     from transformers import AutoModelForCausalLM
     start, end = (AutoModelForCausalLM.from_pretrained(p).state_dict() for p in (tiny_model_dir, out / "model"))
     assert all(torch.equal(start[k], end[k]) for k in start)  # no update means no AdamW step either
@@ -221,9 +210,10 @@ def test_same_seed_same_metrics(tiny_model_dir, tmp_path):
     runs = []
     for name in ("a", "b"):
         rr.main(["--model", tiny_model_dir, "--steps", "2", "--prompts-per-step", "2", "--num-generations", "4",
-                 "--max-new-tokens", "6", "--eval-every", "0", "--eval-size", "4", "--output-dir", str(tmp_path / name),
-                 "--no-save", "--reject", "none", "--beta", "0.1", "--dual-clip", "3"])
-        runs.append([{k: v for k, v in r.items() if "time" not in k and k != "tokens_per_s"} for r in read_metrics(tmp_path / name)])
+                 "--max-new-tokens", "6", "--eval-every", "0", "--eval-size", "4", "--output-dir",
+                 str(tmp_path / name), "--no-save", "--reject", "none", "--beta", "0.1", "--entropy-coef", "0.01"])
+        runs.append([{k: v for k, v in r.items() if "time" not in k and k != "tokens_per_s"}
+                     for r in read_metrics(tmp_path / name)])
     assert runs[0] == runs[1]
     assert all(r["samples_used"] == 8 and r["kl"] is not None for r in runs[0] if "reward" in r)
 
@@ -231,29 +221,35 @@ def test_same_seed_same_metrics(tiny_model_dir, tmp_path):
 def test_end_to_end_on_embedded_model(embedded_model_dir, tmp_path):
     out = tmp_path / "run"
     rr.main(["--steps", "2", "--prompts-per-step", "2", "--num-generations", "2", "--max-new-tokens", "16",
-             "--eval-size", "4", "--eval-every", "1", "--reject", "all_wrong", "--output-dir", str(out)])
+             "--eval-size", "4", "--eval-every", "1", "--reject", "all_wrong", "--log-kl", "--output-dir", str(out)])
     records = read_metrics(out)
     steps = [r for r in records if "reward" in r]
     evals = [r for r in records if "eval/accuracy" in r]
     assert [r["step"] for r in steps] == [1, 2]
-    for key in ("step_time", "entropy", "kl", "rejected_all_correct", "rejected_all_wrong", "samples_used", "correct"):
+    for key in ("step_time", "entropy", "kl", "rejected_all_correct", "rejected_all_wrong", "kept_prompts",
+                "frac_rejected", "samples_used", "correct", "skipped_updates"):
         assert all(key in r for r in steps), key
     assert all(r["rejected_all_correct"] == 0 for r in steps)  # only the all-wrong side is switched on
     assert [r["step"] for r in evals] == [0, 1, 2] and all("eval/sampled_accuracy" in r for r in evals)
-    assert json.loads((out / "args.json").read_text())["reject_sides"] == ["all_wrong"]
+    assert json.loads((out / "args.json").read_text())["reject"] == "all_wrong"
     from transformers import AutoModelForCausalLM
     assert AutoModelForCausalLM.from_pretrained(out / "model").config.num_hidden_layers == 30
     assert not list(out.glob(".model.tmp*"))
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--reject", "all_right"], "--reject 'all_right'"),
-    (["--reject", ""], "--reject ''"),
-    (["--incorrect-reward", "1"], "--incorrect-reward must be < 1"),
+    (["--reject", "all_right"], "invalid choice"),
+    (["--reject", ""], "invalid choice"),
+    (["--incorrect-reward", "0.5"], "--incorrect-reward must be <= 0"),
+    (["--incorrect-reward", "nan"], "--incorrect-reward must be <= 0"),
     (["--num-generations", "1"], "--num-generations must be >= 2"),
     (["--num-minibatches", "0"], "--num-minibatches must be >= 1"),
-    (["--loss-agg", "sum"], "invalid choice"),
-    (["--dual-clip", "0.5"], "--dual-clip must be > 1"),
+    (["--loss-type", "sum"], "invalid choice"),
+    (["--epsilon", "-0.2"], "--epsilon must be > 0"),
+    (["--entropy-coef", "-1"], "--entropy-coef must be >= 0"),
+    (["--beta", "-1"], "--beta must be >= 0"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--lr", "0"], "--lr must be > 0"),
 ])
 def test_bad_flags_give_a_clear_error(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -262,4 +258,4 @@ def test_bad_flags_give_a_clear_error(argv, message, capsys):
 
 
 def test_vanilla_reinforce_accepts_one_generation():
-    assert rr.parse_args(["--reject", "none", "--num-generations", "1"]).reject_sides == []
+    assert rr.parse_args(["--reject", "none", "--num-generations", "1"]).num_generations == 1

@@ -1,8 +1,11 @@
-"""weak_to_strong.py: the aux confidence loss against hand values, the alpha schedule, PGR, pooling, the head, a
-learning test and a tiny end-to-end run (all on the 2-layer char-level Llama of conftest.py, CPU, seconds)."""
+"""weak_to_strong.py: the aux confidence loss against hand values, the alpha schedule, PGR, pooling, the head (its
+device and precision), one data order for the strong runs, a learning test, a tiny end-to-end run and bad flags (all
+on the 2-layer char-level Llama of conftest.py, CPU, seconds)."""
 import json
 import math
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ import torch.nn.functional as F
 
 import common
 import weak_to_strong as w2s
+from conftest import ROOT
 
 
 def logits_for(p0):
@@ -93,11 +97,11 @@ def test_classifier_logits_do_not_depend_on_padding_side(tiny_model_dir):
     tok = common.load_tokenizer(tiny_model_dir)
     texts = ["What is 2 + 3?", "Hi"]
     with torch.no_grad():
-        alone = torch.cat([model(*w2s.tokenize(tok, [t], "cpu")) for t in texts])
+        alone = torch.cat([model(*w2s.tokenize_texts(tok, [t], "cpu")) for t in texts])
         tok.padding_side = "left"
-        left = model(*w2s.tokenize(tok, texts, "cpu"))
+        left = model(*w2s.tokenize_texts(tok, texts, "cpu"))
         tok.padding_side = "right"
-        right = model(*w2s.tokenize(tok, texts, "cpu"))
+        right = model(*w2s.tokenize_texts(tok, texts, "cpu"))
     assert torch.allclose(left, alone, atol=1e-5) and torch.allclose(right, alone, atol=1e-5)
     assert not torch.allclose(alone[0], alone[1])
 
@@ -107,10 +111,36 @@ def test_zero_init_head_gives_p_one_half_and_weak_layers_truncate(tiny_model_dir
     assert len(model.trunk.layers) == 1 and model.head.bias is None
     tok = common.load_tokenizer(tiny_model_dir)
     with torch.no_grad():
-        probs = torch.softmax(model(*w2s.tokenize(tok, ["a b c", "What is 1 + 1?"], "cpu")), -1)
+        probs = torch.softmax(model(*w2s.tokenize_texts(tok, ["a b c", "What is 1 + 1?"], "cpu")), -1)
     assert torch.equal(probs, torch.full((2, 2), 0.5))
     with pytest.raises(SystemExit, match="only 2 layers"):
         w2s.TransformerWithHead(common.load_model(tiny_model_dir, torch.device("cpu")), num_layers=5)
+
+
+def test_head_is_created_on_the_trunks_device_in_fp32():
+    """The head must follow the trunk (on a GPU a CPU head fails at the first forward): a trunk built on the meta
+    device (no memory, no GPU needed) must give a wrapper whose every parameter and buffer is on meta. The wrapper
+    is built OUTSIDE the device context, so only an explicit device= puts the head there."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1)
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.device("meta"):
+            lm = LlamaForCausalLM(config).to(dtype)
+        model = w2s.TransformerWithHead(lm, num_layers=1)
+        devices = {t.device.type for t in [*model.parameters(), *model.buffers()]}
+        assert devices == {"meta"}, devices
+        assert model.head.weight.dtype == torch.float32  # fp32 master weights, also beside a bf16 trunk
+
+
+def test_logits_are_fp32_under_bf16_autocast_and_with_a_bf16_trunk(tiny_model_dir):
+    tok = common.load_tokenizer(tiny_model_dir)
+    batch = w2s.tokenize_texts(tok, ["What is 1 + 1? Answer: 2"], "cpu")
+    model = w2s.TransformerWithHead(common.load_model(tiny_model_dir, torch.device("cpu")))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(*batch).dtype == torch.float32  # the head runs outside autocast
+    bf16 = w2s.TransformerWithHead(common.load_model(tiny_model_dir, torch.device("cpu"), torch.bfloat16))
+    assert bf16(*batch).dtype == torch.float32  # --dtype pure-bfloat16: bf16 trunk, fp32 head
 
 
 def test_make_examples_labels_and_wrong_candidates():
@@ -133,7 +163,11 @@ def test_make_examples_labels_and_wrong_candidates():
 
 
 # ---- learning and the whole experiment ---------------------------------------------------------------------------
-def test_training_learns_a_separable_task_above_chance(tiny_model_dir):
+TINY_RUN = ["--weak-layers", "1", "--dataset", "arith:add:1", "--n-train", "64", "--batch-size", "16", "--steps", "2",
+            "--eval-size", "16", "--max-length", "80", "--lr", "1e-3"]
+
+
+def test_training_learns_a_separable_task_above_chance(tiny_model_dir, tmp_path):
     """Label 1 iff the text starts with a digit; seeded, a few seconds."""
     rng = random.Random(0)
     letters, digits = "abcdefgh", "0123456789"
@@ -141,42 +175,86 @@ def test_training_learns_a_separable_task_above_chance(tiny_model_dir):
                       for y in (int(rng.random() < 0.5) for _ in range(n))]
     train, test = make(256), make(128)
     args = w2s.parse_args(["--steps", "40", "--batch-size", "16", "--lr", "3e-3", "--dtype", "float32", "--seed", "0"])
-    ctx = {"autocast": lambda: torch.autocast("cpu", enabled=False), "device": torch.device("cpu"),
-           "log": lambda r: None, "run_dir": None}
+    autocast = lambda: torch.autocast("cpu", enabled=False)
     torch.manual_seed(0)
     model = w2s.TransformerWithHead(common.load_model(tiny_model_dir, torch.device("cpu")))
     tok = common.load_tokenizer(tiny_model_dir)
-    y = torch.tensor([l for _, l in train])
-    test_set = {"texts": [t for t, _ in test], "labels": torch.tensor([l for _, l in test])}
-    before = w2s.accuracy(w2s.predict(model, tok, test_set["texts"], args, ctx["autocast"], "cpu"), test_set["labels"])
-    acc, _ = w2s.train_run("ceiling", model, tok, [t for t, _ in train], F.one_hot(y, 2).float(), y, test_set, args, 3e-3, ctx)
+    y = torch.tensor([label for _, label in train])
+    test_set = {"texts": [t for t, _ in test], "labels": torch.tensor([label for _, label in test])}
+    before = w2s.classifier_accuracy(w2s.predict_probs(model, tok, test_set["texts"], 64, autocast, "cpu"),
+                                     test_set["labels"])
+    with open(tmp_path / "metrics.jsonl", "w") as metrics_file:
+        acc, _ = w2s.train_run("ceiling", model, tok, [t for t, _ in train], F.one_hot(y, 2).float(), y, test_set,
+                               args, 3e-3, autocast, tmp_path, metrics_file)
     assert before < 0.65 and acc > 0.85, (before, acc)
+
+
+def test_the_three_strong_runs_see_the_same_batches_in_the_same_order(tiny_model_dir, tmp_path, monkeypatch):
+    """Spy on the texts fed to every training forward (grad enabled; evaluation and labelling run without)."""
+    seen = []
+    tokenize = w2s.tokenize_texts
+
+    def spy(tokenizer, texts, device):
+        if torch.is_grad_enabled():
+            seen.append(list(texts))
+        return tokenize(tokenizer, texts, device)
+    monkeypatch.setattr(w2s, "tokenize_texts", spy)
+    w2s.main(["--weak-model", tiny_model_dir, "--strong-model", tiny_model_dir, *TINY_RUN, "--steps", "3",
+              "--batch-size", "8", "--no-save", "--output-dir", str(tmp_path / "run")])
+    assert len(seen) == 4 * 3  # weak, ceiling, w2s_xent, w2s_aux: 3 steps each
+    weak, ceiling, xent, aux = seen[0:3], seen[3:6], seen[6:9], seen[9:12]
+    assert ceiling == xent == aux
+    assert len({t for batch in ceiling for t in batch}) > 8  # different batches within a run
+    assert not {t for batch in weak for t in batch} & {t for batch in ceiling for t in batch}  # halves A, B
 
 
 def test_main_end_to_end_writes_metrics_table_and_models(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    res = w2s.main(["--weak-model", tiny_model_dir, "--strong-model", tiny_model_dir, "--weak-layers", "1",
-                    "--dataset", "arith:add:1", "--n-train", "64", "--batch-size", "16", "--steps", "2",
-                    "--eval-size", "16", "--max-length", "80", "--lr", "1e-3", "--output-dir", str(out)])
+    res = w2s.main(["--weak-model", tiny_model_dir, "--strong-model", tiny_model_dir, *TINY_RUN,
+                    "--gradient-checkpointing", "--save-dtype", "bfloat16", "--output-dir", str(out)])
     assert set(res) >= {"weak", "ceiling", "w2s_xent", "w2s_aux", "pgr_xent", "pgr_aux"}
     assert json.loads((out / "args.json").read_text())["weak_layers"] == 1
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert {r["phase"] for r in steps} == {"weak", "ceiling", "w2s_xent", "w2s_aux"}
-    assert all({"step", "loss", "step_time"} <= set(r) for r in steps)
+    assert all({"step", "loss", "lr", "grad_norm", "step_time"} <= set(r) for r in steps)
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in steps)  # gradients flow (checkpointed)
     assert [r["alpha"] for r in steps if r["phase"] == "w2s_aux"] == [0.0, 0.5]  # step_frac 0, then 0.5 >= 0.2
     evals = {r["phase"]: r["eval/accuracy"] for r in records if "eval/accuracy" in r}
     assert evals == {p: res[p] for p in ("weak", "ceiling", "w2s_xent", "w2s_aux")}
     assert records[-1]["phase"] == "summary" and "pgr_aux" in records[-1]
-    loaded = w2s.load_classifier(tiny_model_dir, out / "w2s_aux.safetensors")
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["phase"] for s in samples] == ["weak", "ceiling", "w2s_xent", "w2s_aux"]
+    saved = out / "model" / "w2s_aux.safetensors"
+    assert (out / "model" / "w2s_xent.safetensors").exists()
+    from safetensors.torch import load_file
+    assert {v.dtype for v in load_file(str(saved)).values()} == {torch.bfloat16}  # --save-dtype
+    loaded = w2s.load_classifier(tiny_model_dir, saved)
     assert loaded.head.weight.abs().sum() > 0  # the trained head, not a fresh zero one
+    assert loaded.head.weight.dtype == torch.float32
 
 
-def test_defaults_and_bad_flags_give_clear_errors(capsys):
+BAD_FLAGS = [["--n-train", "0"], ["--max-length", "0"], ["--epochs", "0"], ["--steps", "0"], ["--batch-size", "0"],
+             ["--prompts-per-step", "0"], ["--num-generations", "0"], ["--max-new-tokens", "0"], ["--eval-size", "0"],
+             ["--eval-batch-size", "0"], ["--lr", "0"], ["--lr", "nan"], ["--weak-lr=-1e-4"],
+             ["--warmup-frac", "0"], ["--warmup-frac", "1.5"], ["--temperature", "0"], ["--weak-layers", "-1"],
+             ["--fewshot", "-1"], ["--alpha-max", "-0.1"], ["--alpha-max", "2"], ["--eval-every", "-1"]]
+
+
+@pytest.mark.parametrize("bad", BAD_FLAGS, ids=lambda b: " ".join(b))
+def test_bad_numeric_flags_give_one_clear_line_and_exit_2(bad, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        w2s.parse_args(bad)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and f"error: {bad[0].split('=')[0]}" in err[-1], err
+
+
+def test_defaults_and_a_bad_flag_on_the_command_line():
     args = w2s.parse_args([])
-    assert (args.weak_layers, args.weak_lr, args.lr, args.dataset) == (6, 5e-5, 1e-4, "arith:add:3x1")  # the docs' defaults
-    assert w2s.parse_args(["--weak-lr", "1e-3"]).weak_lr == 1e-3
-    for bad in (["--weak-lr", "0"], ["--lr", "-1e-4"], ["--warmup-frac", "0"], ["--alpha-max", "2"], ["--n-train", "0"]):
-        with pytest.raises(SystemExit):
-            w2s.parse_args(bad)
-        assert "error:" in capsys.readouterr().err
+    assert (args.weak_layers, args.weak_lr, args.lr, args.dataset) == (6, 5e-5, 1e-4, "arith:add:3x1")  # docs' defaults
+    assert (args.dtype, args.batch_size, args.steps) == ("auto", 32, None)
+    assert w2s.parse_args(["--prompts-per-step", "8"]).batch_size == 8  # the shared flag is an alias
+    out = subprocess.run([sys.executable, str(ROOT / "weak_to_strong.py"), "--eval-batch-size", "0"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].endswith("--eval-batch-size must be >= 1 (got 0)")
