@@ -609,7 +609,8 @@ def _interval(s):
         if var(b) and not var(a) and _is_label(b):  # a < x  ==  x > a
             flipped = {"<": ">", ">": "<", "\\leq": "\\geq", "\\geq": "\\leq"}[op]
             return _interval(f"{b} {flipped} {a}")
-    if len(parts) == 5 and _is_label(parts[2]) and parts[1] in ("<", "\\leq") and parts[3] in ("<", "\\leq"):  # a < x <= b
+    if len(parts) == 5 and _is_label(parts[2]) and parts[1] in ("<", "\\leq") and parts[3] in ("<", "\\leq"):
+        # a < x <= b
         return ("(" if parts[1] == "<" else "["), ops[parts[3]], [parts[0], parts[4]]
     return None
 
@@ -689,9 +690,9 @@ def _equivalent(pred, ref, depth=0):
     tp, tr = _tuple(p), _tuple(r)
     if len(pi) > 1 or len(ri) > 1:
         ordered = False
-        if len(pi) == 1 and tp and tp[0] == "(" and all(lab is None for lab, _ in ri):  # (1, 3) vs 1, 3: in order
+        if len(pi) == 1 and tp and tp[0] == "(":  # (1, 3) vs 1, 3 and (2, -1) vs x = 2, y = -1: in order
             pi, ordered = [(None, v) for v in tp[2]], True
-        if len(ri) == 1 and tr and tr[0] == "(" and all(lab is None for lab, _ in pi):
+        if len(ri) == 1 and tr and tr[0] == "(":
             ri, ordered = [(None, v) for v in tr[2]], True
         return _equivalent_items(pi, ri, depth, ordered)
     p, r = _strip_label(p, r)
