@@ -512,6 +512,11 @@ def _normalize(s):
     return s
 
 
+def _squeeze(s):
+    """Without spaces, except between digits: '2 2/3' (a mixed number) is not '22/3'."""
+    return re.sub(r"(?<!\d) +| +(?!\d)", "", s)
+
+
 def _balanced(s):
     depth = 0
     for ch in s:
@@ -523,6 +528,8 @@ def _balanced(s):
 
 def _to_number(s):
     """Exact value of a plain number: integer, decimal, 1e-3, a/b, \\frac{a}{b}, mixed number, a \\times 10^{b}."""
+    if re.search(r"\d\s+\d", s) and not re.fullmatch(r"-?\d+ \d+/\d+", s):
+        return None  # "5 5" is no number (and 2 2/3 is the mixed number 8/3)
     s = s.replace(" ", "") if not re.fullmatch(r"-?\d+ \d+/\d+", s) else s
     num = r"[+-]?(?:\d+\.?\d*|\.\d+)"
     try:
@@ -596,6 +603,16 @@ def _tuple(s):
     return None
 
 
+def _point(t, other_items):
+    """Whether tuple t may be set against a bare list in order: not when it could be an interval, (0, 1) vs 0, 1."""
+    if not t or t[0] != "(":
+        return False
+    if any(lab for lab, _ in other_items) or len(t[2]) > 2:
+        return True
+    low, high = (_to_number(x.replace(" ", "")) for x in t[2])
+    return low is None or high is None or low >= high
+
+
 def _interval(s):
     """An inequality in one unknown as an interval (open, close, [low, high]); 'x \\in I' as I; else None."""
     if (m := re.fullmatch(r"[A-Za-z][\w{}()]*\s*\\in\s*(.+)", s)):
@@ -628,6 +645,11 @@ def _math_verify(pred, ref):
     tower = r"\^\s*\{[^{}]*\^|\^\s*[\w.]+\s*\^|\^\s*\{?\s*\d{4,}|\d{4,}\s*!|\\binom\s*\{\s*\d{4,}"
     if any(re.search(tower, x) or depth(x) > 6 for x in (pred, ref)):
         return False  # towers of powers, 10^{10000}, 5000!, deep nests: sympy could run for minutes
+    malformed = r"(?:[+\-*/^=,]|\\cdot|\\times|\\div)\s*$|^\s*[=*/^,]|\d\s+\d|\d\.\d+\.\d"
+    for x in (pred, ref):  # math-verify reads "2 +", "7x-", "12)", "5 5" as 2, 7, 12, 10: a fragment is no answer
+        if re.search(malformed, x) or x.count("(") + x.count("[") != x.count(")") + x.count("]") or not _balanced(
+                re.sub(r"[()\[\]]", "", x)):
+            return False
     from math_verify import parse, verify
     from sympy import Basic, MatrixBase
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns that we disabled its signal timeouts
@@ -678,7 +700,7 @@ def _equivalent(pred, ref, depth=0):
     p, r = _normalize(pred), _normalize(ref)
     if not p or depth > 4 or len(p) > _MAX_ANSWER or len(r) > _MAX_ANSWER:
         return p == r
-    if p == r or p.replace(" ", "") == r.replace(" ", ""):
+    if p == r or _squeeze(p) == _squeeze(r):
         return True
     for x, y in ((p, r), (r, p)):  # a decimal comma (1000,99 vs 1000.99): the same digits, one written with a dot
         if re.fullmatch(r"-?\d+,\d+", x) and re.fullmatch(r"-?\d*\.\d+", y):
@@ -690,13 +712,13 @@ def _equivalent(pred, ref, depth=0):
     tp, tr = _tuple(p), _tuple(r)
     if len(pi) > 1 or len(ri) > 1:
         ordered = False
-        if len(pi) == 1 and tp and tp[0] == "(":  # (1, 3) vs 1, 3 and (2, -1) vs x = 2, y = -1: in order
+        if len(pi) == 1 and _point(tp, ri):  # (2, -1) vs x = 2, y = -1; (3, 1, 2) vs 3, 1, 2: in order
             pi, ordered = [(None, v) for v in tp[2]], True
-        if len(ri) == 1 and tr and tr[0] == "(":
+        if len(ri) == 1 and _point(tr, pi):
             ri, ordered = [(None, v) for v in tr[2]], True
         return _equivalent_items(pi, ri, depth, ordered)
     p, r = _strip_label(p, r)
-    if p.replace(" ", "") == r.replace(" ", ""):
+    if _squeeze(p) == _squeeze(r):
         return True
     clock = r"\d{1,2}:\d{2}(?::\d{2})?(?: ?[ap]\.?m\.?)?"
     if re.fullmatch(clock, p, re.IGNORECASE) or re.fullmatch(clock, r, re.IGNORECASE):
@@ -723,7 +745,7 @@ def _equivalent(pred, ref, depth=0):
     if (rp := re.fullmatch(ratio, p.replace(" ", ""))) and (rr := re.fullmatch(ratio, r.replace(" ", ""))):
         return Fraction(rp[2]) != 0 and Fraction(rr[2]) != 0 and \
             Fraction(rp[1]) / Fraction(rp[2]) == Fraction(rr[1]) / Fraction(rr[2])
-    unit = r"^(-?[\d.]+(?:\\frac\{\d+\}\{\d+\}| \d+/\d+)?|\\frac\{\d+\}\{\d+\}) ?[A-Za-z][A-Za-z ]*(?:\^\d)?$"
+    unit = r"^(-?[\d.]+(?:\\frac\{\d+\}\{\d+\}| \d+/\d+)?|\\frac\{\d+\}\{\d+\}) [A-Za-z][A-Za-z ]*(?:\^\d)?$"
     p, r = re.sub(unit, r"\1", p), re.sub(unit, r"\1", r)  # "18 eggs", "15 cm^2" -> the number
     a, b = _to_number(p), _to_number(r)
     if a is None and b is not None and re.fullmatch(r"\d+,\d+", p) and "." in r:  # a decimal comma: 1000,99
@@ -736,7 +758,7 @@ def _equivalent(pred, ref, depth=0):
     if (a is None) != (b is None) and re.fullmatch(r"[A-Za-z() ]+", p + r if a is None else r):
         return False
     if re.fullmatch(r"[A-Za-z() ]+", p) and re.fullmatch(r"[A-Za-z() ]+", r):
-        return p.lower() == r.lower()  # text answers: "Yes" == "yes"
+        return p.lower() == r.lower() and len(p) > 1  # text answers: "Yes" == "yes" (but a != A)
     if (len(_split_top(p, "=")) > 1) != (len(_split_top(r, "=")) > 1):  # an equation is not a value
         return False  # math-verify would compare "y=2x" with "2x"
     return _math_verify(p, r)
