@@ -380,7 +380,6 @@ def default_fewshot(dataset: str) -> int:
 # then math-verify (sympy), with exact comparison for rational values and a 1e-12 relative tolerance for irrational
 # numbers, behind size guards (towers of powers, 10^{10000}, 5000!) that would hang sympy.
 import logging
-import math
 import re
 from fractions import Fraction
 from itertools import accumulate
@@ -485,7 +484,8 @@ _TEXT = r"\\(?:text|textbf|textit|textnormal|mathrm|mathbf|mbox|operatorname)\s*
 _NORMALIZE = [
     (r"\\q?quad", " "), (r"\s*\{\s*,\s*\}\s*|,\\!\s*(?=\d{3}(?!\d))", ","),
     (r"\\left\b|\\right\b|\\displaystyle|\\bigg?|\\Bigg?|(?<!\\)\\[!,;:]|\*\*", ""), (r"(?<!\\)\\ |~", " "),
-    (r"\\[dtc]frac", r"\\frac"), (r"\^\s*\{?\\circ\}?|°|\\circ|\\\$|\$|\\%|%|(?<=\d)\s*(?:percent(?:age)?|pct)\b", ""),
+    (r"\\[dtc]frac", r"\\frac"), (r"(\d)\s*\^\s*\{?\\circ\}?(?=\s*(?:,|;|\band\b|$))", r"\1"),  # 72^\circ
+    (r"\^\s*\{?\\circ\}?(?=[\s,;]*$)|°|\\\$|\$|\\%|%|(?<=\d)\s*(?:percent(?:age)?|pct)\b", ""),
     (_TEXT, r"\1"), (_TEXT, r"\1"), (r"\\varnothing", r"\\emptyset"),
     (r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}"), (r"\\frac\s*(\d)\s*\{", r"\\frac{\1}{"),
     (r"\\frac\{([^{}]*)\}\s*(\d)", r"\\frac{\1}{\2}"), (r"\\sqrt\s*(\d+)", r"\\sqrt{\1}"),
@@ -665,11 +665,13 @@ def _math_verify(pred, ref):
     if all(isinstance(x, Basic) and not isinstance(x, MatrixBase) and x.is_number for x in (a, b)):
         if a.is_Rational and b.is_Rational:
             return a == b  # 2^3 \cdot 3^2 == 72 exactly, nothing approximate for integers and fractions
-        # numbers (pi/2, 2^{-70}, sqrt 12): compare to 1e-12 relative, not math-verify's 6 decimals
-        x, y = complex(a.evalf(40)), complex(b.evalf(40))
-        if not all(map(math.isfinite, (abs(x), abs(y)))):
+        # irrational numbers (pi/2, sqrt 12): to 1e-12 relative when a decimal is written (4.123105625617661 for
+        # sqrt 17), else to 1e-40 at 60 digits (sqrt{10^{30}+1} is not 10^{15}); never math-verify's 6 decimals
+        x, y = a.evalf(60), b.evalf(60)
+        if not all(v.is_finite for v in (x, y)):
             return a == b and a.is_infinite and a.is_extended_real is True  # oo == oo; 1/0 (zoo) is no value
-        return abs(x - y) <= 1e-12 * max(abs(x), abs(y))
+        tolerance = 1e-12 if re.search(r"\d\.\d", pred + ref) else 1e-40
+        return bool(abs(x - y) <= tolerance * max(abs(x), abs(y)))
     return bool(verify(gold, target, timeout_seconds=None))
 
 
