@@ -486,7 +486,8 @@ _NORMALIZE = [
     (r"\\left\b|\\right\b|\\displaystyle|\\bigg?|\\Bigg?|(?<!\\)\\[!,;:]|\*\*", ""), (r"(?<!\\)\\ |~", " "),
     (r"\\[dtc]frac", r"\\frac"), (r"(\d)\s*\^\s*\{?\\circ\}?(?=\s*(?:,|;|\band\b|$))", r"\1"),  # 72^\circ
     (r"\^\s*\{?\\circ\}?(?=[\s,;]*$)|°|\\\$|\$|\\%|%|(?<=\d)\s*(?:percent(?:age)?|pct)\b", ""),
-    (_TEXT, r"\1"), (_TEXT, r"\1"), (r"\\varnothing", r"\\emptyset"),
+    (_TEXT, r"\1"), (_TEXT, r"\1"), (r"\\varnothing|\\\{\s*\\\}", r"\\emptyset"),
+    (r"\\mathbb\s*\{?R\}?|\\R\b", r"(-\\infty, \\infty)"),
     (r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}"), (r"\\frac\s*(\d)\s*\{", r"\\frac{\1}{"),
     (r"\\frac\{([^{}]*)\}\s*(\d)", r"\\frac{\1}{\2}"), (r"\\sqrt\s*(\d+)", r"\\sqrt{\1}"),
     (r"(\d)\.0+(?![\d])", r"\1"), (r"(?<![\d.])1\s*i\b", "i"),
@@ -535,6 +536,9 @@ def _to_number(s):
     try:
         if re.fullmatch(num + r"(?:e[+-]?\d{1,3})?", s):
             return Fraction(s)
+        if (m := re.fullmatch(r"(-?)(\d*)\.(\d*)\\overline\{(\d{1,12})\}", s)):  # 0.1\overline{6} = 1/6
+            head, period = Fraction(f"{m[2] or 0}.{m[3] or 0}"), Fraction(int(m[4]), 10 ** len(m[4]) - 1)
+            return (-1 if m[1] else 1) * (head + period / 10 ** len(m[3]))
         if (m := re.fullmatch(rf"({num})/({num})", s)):
             return Fraction(m[1]) / Fraction(m[2])
         if (m := re.fullmatch(r"([+-]?)\\frac\{([+-]?\d+)\}\{([+-]?\d+)\}", s)):
@@ -645,7 +649,7 @@ def _math_verify(pred, ref):
     tower = r"\^\s*\{[^{}]*\^|\^\s*[\w.]+\s*\^|\^\s*\{?\s*\d{4,}|\d{4,}\s*!|\\binom\s*\{\s*\d{4,}"
     if any(re.search(tower, x) or depth(x) > 6 for x in (pred, ref)):
         return False  # towers of powers, 10^{10000}, 5000!, deep nests: sympy could run for minutes
-    malformed = r"(?:[+\-*/^=,]|\\cdot|\\times|\\div)\s*$|^\s*[=*/^,]|\d\s+\d|\d\.\d+\.\d"
+    malformed = r"(?:[+\-*/^=,?]|\\cdot|\\times|\\div)\s*$|^\s*[=*/^,]|\d\s+\d|\d\.\d+\.\d"
     for x in (pred, ref):  # math-verify reads "2 +", "7x-", "12)", "5 5" as 2, 7, 12, 10: a fragment is no answer
         if re.search(malformed, x) or x.count("(") + x.count("[") != x.count(")") + x.count("]") or not _balanced(
                 re.sub(r"[()\[\]]", "", x)):
@@ -747,8 +751,9 @@ def _equivalent(pred, ref, depth=0):
     if (rp := re.fullmatch(ratio, p.replace(" ", ""))) and (rr := re.fullmatch(ratio, r.replace(" ", ""))):
         return Fraction(rp[2]) != 0 and Fraction(rr[2]) != 0 and \
             Fraction(rp[1]) / Fraction(rp[2]) == Fraction(rr[1]) / Fraction(rr[2])
-    unit = r"^(-?[\d.]+(?:\\frac\{\d+\}\{\d+\}| \d+/\d+)?|\\frac\{\d+\}\{\d+\}) [A-Za-z][A-Za-z ]*(?:\^\d)?$"
-    p, r = re.sub(unit, r"\1", p), re.sub(unit, r"\1", r)  # "18 eggs", "15 cm^2" -> the number
+    unit = r"^(-?[\d.]+(?:\\frac\{\d+\}\{\d+\}| \d+/\d+)?|\\frac\{\d+\}\{\d+\}) " \
+           r"(?:[A-Za-z]{2,}[A-Za-z ]*|[mgsL])(?:\^\d)?$"
+    p, r = re.sub(unit, r"\1", p), re.sub(unit, r"\1", r)  # "18 eggs", "15 cm^2", "8 m": the number (not "2 x")
     a, b = _to_number(p), _to_number(r)
     if a is None and b is not None and re.fullmatch(r"\d+,\d+", p) and "." in r:  # a decimal comma: 1000,99
         a = _to_number(p.replace(",", "."))
