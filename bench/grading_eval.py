@@ -55,7 +55,7 @@ def evaluate(path, show_errors=False):
         start = time.perf_counter()
         ours = grade(case["response"], case["reference"])
         took = time.perf_counter() - start
-        where = f"{case['category']}, {case['source'].split(' (')[0][-48:]}"
+        where = f"{case['category']}, {case['source'].split(' (')[0].split(' ')[-1][-50:]}"
         slowest = max(slowest, (took, where), key=lambda t: t[0])
         theirs = math_verify_plain(case["response"], case["reference"])
         if case.get("marker", True):
