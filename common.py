@@ -377,8 +377,9 @@ def default_fewshot(dataset: str) -> int:
 # "or" joins items, so a hedge "5 or 6" is a two-item answer); labels stripped ("k = 1" vs "1"; the reference's
 # left side only when it is a label, not "2x + z"); inequalities as intervals with their brackets; matrices entry by
 # entry; tuples and intervals in order with their brackets; exact rationals for plain numbers (44851 != 44850);
-# then math-verify (sympy), with exact comparison for rational values and a 1e-12 relative tolerance for irrational
-# numbers, behind size guards (towers of powers, 10^{10000}, 5000!) that would hang sympy.
+# then math-verify (sympy), with exact comparison for rational values and a tight relative tolerance for irrational
+# numbers, behind guards for sizes that would hang sympy (towers of powers, 10^{10000}, 5000!) and for fragments
+# that math-verify would read as numbers ("2 +", "12)").
 import logging
 import re
 from fractions import Fraction
@@ -688,6 +689,7 @@ def _equivalent_items(pi, ri, depth, ordered=False):
     if keyed(pi) and keyed(ri) and {_label_key(lab) for lab, _ in pi} == {_label_key(lab) for lab, _ in ri}:
         by_label = {_label_key(lab): v for lab, v in ri}
         return all(_equivalent(v, by_label[_label_key(lab)], depth + 1) for lab, v in pi)
+    ordered |= keyed(pi) and keyed(ri)  # x_1 = .., x_2 = .. vs y_1 = .., y_2 = ..: in order
     pv, rv = [v for _, v in pi], [v for _, v in ri]
     if len(pv) > _MAX_ITEMS or len(rv) > _MAX_ITEMS:
         return sorted(set(pv)) == sorted(set(rv))
@@ -755,8 +757,6 @@ def _equivalent(pred, ref, depth=0):
            r"(?:[A-Za-z]{2,}[A-Za-z ]*|[mgsL])(?:\^\d)?$"
     p, r = re.sub(unit, r"\1", p), re.sub(unit, r"\1", r)  # "18 eggs", "15 cm^2", "8 m": the number (not "2 x")
     a, b = _to_number(p), _to_number(r)
-    if a is None and b is not None and re.fullmatch(r"\d+,\d+", p) and "." in r:  # a decimal comma: 1000,99
-        a = _to_number(p.replace(",", "."))
     if a is not None and b is not None:
         long_decimal = lambda x, q: re.fullmatch(r"-?\d*\.\d{12,}", x) and q.denominator > 1
         if a != b and (long_decimal(p, b) or long_decimal(r, a)):  # 0.0833333333333333 for 1/12
