@@ -482,7 +482,9 @@ def _reference_answer(reference):
 
 
 _TEXT = r"\\(?:text|textbf|textit|textnormal|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}"
+_UNIT = r"(?<=[\d}])\s*\\(?:text|mbox|mathrm|textnormal)\s*\{\s*~?(?![AaPp]\.?[Mm]\b)[A-Za-z]{2,}[A-Za-z .]*\}"
 _NORMALIZE = [
+    (_UNIT + r"(?:\^\{?\d\}?)?\s*$", ""),  # units after a number: 5\sqrt{2}\text{ cm} (not 2\text{e}, 3:00\text{ PM})
     (r"\\q?quad", " "), (r"\s*\{\s*,\s*\}\s*|,\\!\s*(?=\d{3}(?!\d))", ","),
     (r"\\left\b|\\right\b|\\displaystyle|\\bigg?|\\Bigg?|(?<!\\)\\[!,;:]|\*\*", ""), (r"(?<!\\)\\ |~", " "),
     (r"\\[dtc]frac", r"\\frac"), (r"(\d)\s*\^\s*\{?\\circ\}?(?=\s*(?:,|;|\band\b|$))", r"\1"),  # 72^\circ
