@@ -569,10 +569,10 @@ def compute_rewards(reward_fn, prompts, completions, records):
 # "or" joins items, so a hedge "5 or 6" is a two-item answer); labels stripped ("k = 1" vs "1"; the reference's
 # left side only when it is a label, not "2x + z"); inequalities as intervals with their brackets; matrices entry by
 # entry; tuples and intervals in order with their brackets; exact rationals for plain numbers (44851 != 44850);
-# then math-verify (sympy), with exact comparison for rational values and a 1e-12 relative tolerance for irrational
-# numbers, behind size guards (towers of powers, 10^{10000}, 5000!) that would hang sympy.
+# then math-verify (sympy), with exact comparison for rational values and a tight relative tolerance for irrational
+# numbers, behind guards for sizes that would hang sympy (towers of powers, 10^{10000}, 5000!) and for fragments
+# that math-verify would read as numbers ("2 +", "12)").
 import logging
-import math
 import re
 from fractions import Fraction
 from itertools import accumulate
@@ -674,11 +674,15 @@ def _reference_answer(reference):
 
 
 _TEXT = r"\\(?:text|textbf|textit|textnormal|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}"
+_UNIT = r"(?<=[\d}])\s*\\(?:text|mbox|mathrm|textnormal)\s*\{\s*~?(?![AaPp]\.?[Mm]\b)[A-Za-z]{2,}[A-Za-z .]*\}"
 _NORMALIZE = [
+    (_UNIT + r"(?:\^\{?\d\}?)?\s*$", ""),  # units after a number: 5\sqrt{2}\text{ cm} (not 2\text{e}, 3:00\text{ PM})
     (r"\\q?quad", " "), (r"\s*\{\s*,\s*\}\s*|,\\!\s*(?=\d{3}(?!\d))", ","),
     (r"\\left\b|\\right\b|\\displaystyle|\\bigg?|\\Bigg?|(?<!\\)\\[!,;:]|\*\*", ""), (r"(?<!\\)\\ |~", " "),
-    (r"\\[dtc]frac", r"\\frac"), (r"\^\s*\{?\\circ\}?|°|\\circ|\\\$|\$|\\%|%|(?<=\d)\s*(?:percent(?:age)?|pct)\b", ""),
-    (_TEXT, r"\1"), (_TEXT, r"\1"), (r"\\varnothing", r"\\emptyset"),
+    (r"\\[dtc]frac", r"\\frac"), (r"(\d)\s*\^\s*\{?\\circ\}?(?=\s*(?:,|;|\band\b|$))", r"\1"),  # 72^\circ
+    (r"\^\s*\{?\\circ\}?(?=[\s,;]*$)|°|\\\$|\$|\\%|%|(?<=\d)\s*(?:percent(?:age)?|pct)\b", ""),
+    (_TEXT, r"\1"), (_TEXT, r"\1"), (r"\\varnothing|\\\{\s*\\\}", r"\\emptyset"),
+    (r"\\mathbb\s*\{?R\}?|\\R\b", r"(-\\infty, \\infty)"),
     (r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}"), (r"\\frac\s*(\d)\s*\{", r"\\frac{\1}{"),
     (r"\\frac\{([^{}]*)\}\s*(\d)", r"\\frac{\1}{\2}"), (r"\\sqrt\s*(\d+)", r"\\sqrt{\1}"),
     (r"(\d)\.0+(?![\d])", r"\1"), (r"(?<![\d.])1\s*i\b", "i"),
@@ -704,6 +708,11 @@ def _normalize(s):
     return s
 
 
+def _squeeze(s):
+    """Without spaces, except between digits: '2 2/3' (a mixed number) is not '22/3'."""
+    return re.sub(r"(?<!\d) +| +(?!\d)", "", s)
+
+
 def _balanced(s):
     depth = 0
     for ch in s:
@@ -715,11 +724,16 @@ def _balanced(s):
 
 def _to_number(s):
     """Exact value of a plain number: integer, decimal, 1e-3, a/b, \\frac{a}{b}, mixed number, a \\times 10^{b}."""
+    if re.search(r"\d\s+\d", s) and not re.fullmatch(r"-?\d+ \d+/\d+", s):
+        return None  # "5 5" is no number (and 2 2/3 is the mixed number 8/3)
     s = s.replace(" ", "") if not re.fullmatch(r"-?\d+ \d+/\d+", s) else s
     num = r"[+-]?(?:\d+\.?\d*|\.\d+)"
     try:
         if re.fullmatch(num + r"(?:e[+-]?\d{1,3})?", s):
             return Fraction(s)
+        if (m := re.fullmatch(r"(-?)(\d*)\.(\d*)\\overline\{(\d{1,12})\}", s)):  # 0.1\overline{6} = 1/6
+            head, period = Fraction(f"{m[2] or 0}.{m[3] or 0}"), Fraction(int(m[4]), 10 ** len(m[4]) - 1)
+            return (-1 if m[1] else 1) * (head + period / 10 ** len(m[3]))
         if (m := re.fullmatch(rf"({num})/({num})", s)):
             return Fraction(m[1]) / Fraction(m[2])
         if (m := re.fullmatch(r"([+-]?)\\frac\{([+-]?\d+)\}\{([+-]?\d+)\}", s)):
@@ -788,6 +802,16 @@ def _tuple(s):
     return None
 
 
+def _point(t, other_items):
+    """Whether tuple t may be set against a bare list in order: not when it could be an interval, (0, 1) vs 0, 1."""
+    if not t or t[0] != "(":
+        return False
+    if any(lab for lab, _ in other_items) or len(t[2]) > 2:
+        return True
+    low, high = (_to_number(x.replace(" ", "")) for x in t[2])
+    return low is None or high is None or low >= high
+
+
 def _interval(s):
     """An inequality in one unknown as an interval (open, close, [low, high]); 'x \\in I' as I; else None."""
     if (m := re.fullmatch(r"[A-Za-z][\w{}()]*\s*\\in\s*(.+)", s)):
@@ -801,7 +825,8 @@ def _interval(s):
         if var(b) and not var(a) and _is_label(b):  # a < x  ==  x > a
             flipped = {"<": ">", ">": "<", "\\leq": "\\geq", "\\geq": "\\leq"}[op]
             return _interval(f"{b} {flipped} {a}")
-    if len(parts) == 5 and _is_label(parts[2]) and parts[1] in ("<", "\\leq") and parts[3] in ("<", "\\leq"):  # a < x <= b
+    if len(parts) == 5 and _is_label(parts[2]) and parts[1] in ("<", "\\leq") and parts[3] in ("<", "\\leq"):
+        # a < x <= b
         return ("(" if parts[1] == "<" else "["), ops[parts[3]], [parts[0], parts[4]]
     return None
 
@@ -819,6 +844,11 @@ def _math_verify(pred, ref):
     tower = r"\^\s*\{[^{}]*\^|\^\s*[\w.]+\s*\^|\^\s*\{?\s*\d{4,}|\d{4,}\s*!|\\binom\s*\{\s*\d{4,}"
     if any(re.search(tower, x) or depth(x) > 6 for x in (pred, ref)):
         return False  # towers of powers, 10^{10000}, 5000!, deep nests: sympy could run for minutes
+    malformed = r"(?:[+\-*/^=,?]|\\cdot|\\times|\\div)\s*$|^\s*[=*/^,]|\d\s+\d|\d\.\d+\.\d"
+    for x in (pred, ref):  # math-verify reads "2 +", "7x-", "12)", "5 5" as 2, 7, 12, 10: a fragment is no answer
+        if re.search(malformed, x) or x.count("(") + x.count("[") != x.count(")") + x.count("]") or not _balanced(
+                re.sub(r"[()\[\]]", "", x)):
+            return False
     from math_verify import parse, verify
     from sympy import Basic, MatrixBase
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns that we disabled its signal timeouts
@@ -834,11 +864,13 @@ def _math_verify(pred, ref):
     if all(isinstance(x, Basic) and not isinstance(x, MatrixBase) and x.is_number for x in (a, b)):
         if a.is_Rational and b.is_Rational:
             return a == b  # 2^3 \cdot 3^2 == 72 exactly, nothing approximate for integers and fractions
-        # numbers (pi/2, 2^{-70}, sqrt 12): compare to 1e-12 relative, not math-verify's 6 decimals
-        x, y = complex(a.evalf(40)), complex(b.evalf(40))
-        if not all(map(math.isfinite, (abs(x), abs(y)))):
+        # irrational numbers (pi/2, sqrt 12): to 1e-12 relative when a decimal is written (4.123105625617661 for
+        # sqrt 17), else to 1e-40 at 60 digits (sqrt{10^{30}+1} is not 10^{15}); never math-verify's 6 decimals
+        x, y = a.evalf(60), b.evalf(60)
+        if not all(v.is_finite for v in (x, y)):
             return a == b and a.is_infinite and a.is_extended_real is True  # oo == oo; 1/0 (zoo) is no value
-        return abs(x - y) <= 1e-12 * max(abs(x), abs(y))
+        tolerance = 1e-12 if re.search(r"\d\.\d", pred + ref) else 1e-40
+        return bool(abs(x - y) <= tolerance * max(abs(x), abs(y)))
     return bool(verify(gold, target, timeout_seconds=None))
 
 
@@ -851,6 +883,7 @@ def _equivalent_items(pi, ri, depth, ordered=False):
     if keyed(pi) and keyed(ri) and {_label_key(lab) for lab, _ in pi} == {_label_key(lab) for lab, _ in ri}:
         by_label = {_label_key(lab): v for lab, v in ri}
         return all(_equivalent(v, by_label[_label_key(lab)], depth + 1) for lab, v in pi)
+    ordered |= keyed(pi) and keyed(ri)  # x_1 = .., x_2 = .. vs y_1 = .., y_2 = ..: in order
     pv, rv = [v for _, v in pi], [v for _, v in ri]
     if len(pv) > _MAX_ITEMS or len(rv) > _MAX_ITEMS:
         return sorted(set(pv)) == sorted(set(rv))
@@ -869,7 +902,7 @@ def _equivalent(pred, ref, depth=0):
     p, r = _normalize(pred), _normalize(ref)
     if not p or depth > 4 or len(p) > _MAX_ANSWER or len(r) > _MAX_ANSWER:
         return p == r
-    if p == r or p.replace(" ", "") == r.replace(" ", ""):
+    if p == r or _squeeze(p) == _squeeze(r):
         return True
     for x, y in ((p, r), (r, p)):  # a decimal comma (1000,99 vs 1000.99): the same digits, one written with a dot
         if re.fullmatch(r"-?\d+,\d+", x) and re.fullmatch(r"-?\d*\.\d+", y):
@@ -881,13 +914,13 @@ def _equivalent(pred, ref, depth=0):
     tp, tr = _tuple(p), _tuple(r)
     if len(pi) > 1 or len(ri) > 1:
         ordered = False
-        if len(pi) == 1 and tp and tp[0] == "(" and all(lab is None for lab, _ in ri):  # (1, 3) vs 1, 3: in order
+        if len(pi) == 1 and _point(tp, ri):  # (2, -1) vs x = 2, y = -1; (3, 1, 2) vs 3, 1, 2: in order
             pi, ordered = [(None, v) for v in tp[2]], True
-        if len(ri) == 1 and tr and tr[0] == "(" and all(lab is None for lab, _ in pi):
+        if len(ri) == 1 and _point(tr, pi):
             ri, ordered = [(None, v) for v in tr[2]], True
         return _equivalent_items(pi, ri, depth, ordered)
     p, r = _strip_label(p, r)
-    if p.replace(" ", "") == r.replace(" ", ""):
+    if _squeeze(p) == _squeeze(r):
         return True
     clock = r"\d{1,2}:\d{2}(?::\d{2})?(?: ?[ap]\.?m\.?)?"
     if re.fullmatch(clock, p, re.IGNORECASE) or re.fullmatch(clock, r, re.IGNORECASE):
@@ -914,11 +947,10 @@ def _equivalent(pred, ref, depth=0):
     if (rp := re.fullmatch(ratio, p.replace(" ", ""))) and (rr := re.fullmatch(ratio, r.replace(" ", ""))):
         return Fraction(rp[2]) != 0 and Fraction(rr[2]) != 0 and \
             Fraction(rp[1]) / Fraction(rp[2]) == Fraction(rr[1]) / Fraction(rr[2])
-    unit = r"^(-?[\d.]+(?:\\frac\{\d+\}\{\d+\}| \d+/\d+)?|\\frac\{\d+\}\{\d+\}) ?[A-Za-z][A-Za-z ]*(?:\^\d)?$"
-    p, r = re.sub(unit, r"\1", p), re.sub(unit, r"\1", r)  # "18 eggs", "15 cm^2" -> the number
+    unit = r"^(-?[\d.]+(?:\\frac\{\d+\}\{\d+\}| \d+/\d+)?|\\frac\{\d+\}\{\d+\}) " \
+           r"(?:[A-Za-z]{2,}[A-Za-z ]*|[mgsL])(?:\^\d)?$"
+    p, r = re.sub(unit, r"\1", p), re.sub(unit, r"\1", r)  # "18 eggs", "15 cm^2", "8 m": the number (not "2 x")
     a, b = _to_number(p), _to_number(r)
-    if a is None and b is not None and re.fullmatch(r"\d+,\d+", p) and "." in r:  # a decimal comma: 1000,99
-        a = _to_number(p.replace(",", "."))
     if a is not None and b is not None:
         long_decimal = lambda x, q: re.fullmatch(r"-?\d*\.\d{12,}", x) and q.denominator > 1
         if a != b and (long_decimal(p, b) or long_decimal(r, a)):  # 0.0833333333333333 for 1/12
@@ -927,7 +959,7 @@ def _equivalent(pred, ref, depth=0):
     if (a is None) != (b is None) and re.fullmatch(r"[A-Za-z() ]+", p + r if a is None else r):
         return False
     if re.fullmatch(r"[A-Za-z() ]+", p) and re.fullmatch(r"[A-Za-z() ]+", r):
-        return p.lower() == r.lower()  # text answers: "Yes" == "yes"
+        return p.lower() == r.lower() and len(p) > 1  # text answers: "Yes" == "yes" (but a != A)
     if (len(_split_top(p, "=")) > 1) != (len(_split_top(r, "=")) > 1):  # an equation is not a value
         return False  # math-verify would compare "y=2x" with "2x"
     return _math_verify(p, r)

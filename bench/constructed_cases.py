@@ -169,7 +169,8 @@ RULES = [
     ("rewrite:sqrt_shorthand", True,
      lambda r: re.sub(r"\\sqrt\{(\d)\}", r"\\sqrt\1", r) if re.search(r"\\sqrt\{\d\}", r) else None),
     ("rewrite:terms_reordered", True,
-     lambda r: _join(t[::-1]) if "=" not in r and "," not in r and "\\pm" not in r and not re.search(r"\de[-+]|\\begin|\$", r)
+     lambda r: _join(t[::-1]) if "=" not in r and "," not in r and "\\pm" not in r
+     and not re.search(r"\de[-+]|\\begin|\$", r)
      and (t := _signed_terms(r)) and len(set(t)) == len(t) else None),
     ("rewrite:pm_expanded", True,
      lambda r: f"{m[1].strip()} + {m[2].strip()}, {m[1].strip()} - {m[2].strip()}"

@@ -19,11 +19,11 @@ FILES = ["test_all.py", "test_numina_cases.py", "test_open_thoughts.py", "test_y
 # (file, test, index within the test) -> (our label, reason). Everything else keeps math-verify's label.
 RELABEL = {
     ("test_all.py", "test_complex_math_expressions", 7):
-        (False, "0.33 is not 1/3: approximations earn no credit for exact answers (math-verify's test uses precision=2)"),
+        (False, "0.33 is not 1/3: approximations earn no credit for exact answers (math-verify's test: precision=2)"),
     ("test_all.py", "test_complex_math_expressions", 13):
-        (False, "2.6667 is not 8/3: approximations earn no credit for exact answers (precision=2 in math-verify's test)"),
+        (False, "2.6667 is not 8/3: approximations earn no credit for exact answers (math-verify's test: precision=2)"),
     ("test_all.py", "test_set_rel_assymetry", 3):
-        (True, "-2 <= x <= 7 is the set [-2, 7]; math-verify's label comes from its allow_set_relation_comp=False option"),
+        (True, "-2 <= x <= 7 is the set [-2, 7]; math-verify's label comes from its allow_set_relation_comp=False"),
     ("test_yujianll.py", "test_string_extraction", 9):
         (False, "1 - 1/e and 1 + 1/e are different numbers"),
 }
@@ -40,7 +40,8 @@ def _math_only(pred):
                 and left not in text[len(left):-len(right)]:
             return text[len(left):-len(right)].strip()
     outside = re.sub(r"\$[^$]*\$|\\[A-Za-z]+\{[^{}]*\}|\\[A-Za-z]+", " ", text)
-    if re.search(r"[A-Za-z]{2,}\s+[A-Za-z]{2,}|^\s*answer\b|^\s*[A-Za-z]{3,}\s*:", outside, re.IGNORECASE) or "\\boxed" in text:
+    prose = r"[A-Za-z]{2,}\s+[A-Za-z]{2,}|^\s*answer\b|^\s*[A-Za-z]{3,}\s*:"
+    if re.search(prose, outside, re.IGNORECASE) or "\\boxed" in text:
         return None
     return text.replace("$", " ").strip()
 
@@ -110,8 +111,9 @@ def main(repo, commit=""):
             bare = _math_only(pred)
             response = pred if bare is None else f"\\boxed{{{bare}}}"
             case = {"response": response, "reference": gold, "equivalent": label, "marker": _marker(response),
-                    "category": _kind(gold, pred), "source": f"huggingface/Math-Verify{'@' + commit[:10] if commit else ''} "
-                                              f"tests/{name}::{test}[{i}] (Apache-2.0)",
+                    "category": _kind(gold, pred),
+                    "source": f"huggingface/Math-Verify{'@' + commit[:10] if commit else ''} "
+                              f"tests/{name}::{test}[{i}] (Apache-2.0)",
                     "mathverify_expected": bool(expected)}
             if options:
                 case["mathverify_options"] = options
