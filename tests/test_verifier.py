@@ -144,7 +144,8 @@ def test_head_starts_at_one_half_in_fp32_on_the_trunks_device(tiny, tmp_path):
                                           lambda: torch.autocast("cpu", dtype=torch.bfloat16), 0, f)
     assert [len(p) for p in probs] == [2, 1, 3] and all(q == 0.5 for p in probs for q in p)
     record = json.loads((tmp_path / "m.jsonl").read_text())
-    assert record["eval/prm_auc"] == 0.5 and record["eval/prm_step_auc"] == 0.5  # every score tied
+    assert record["eval/prm_step_auc"] == 0.5  # every step probability tied
+    assert record["eval/prm_auc"] == 0.0  # the products 0.25, 0.125 (right) < 0.5 (wrong): more steps, lower score
     assert record["eval/prm_accuracy"] == pytest.approx(1 / 3)  # p = 0.25 or 0.5, never > 0.5: "wrong" for all
 
 
