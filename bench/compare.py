@@ -26,18 +26,19 @@ RUNS = {
     "grpo": ("grpo", []),
     "raftpp": ("raft", []),                                   # RAFT++ (raft.py's default)
     "raft": ("raft", ["--no-clip"]),                          # plain RAFT
-    "reinforce_rej": ("reinforce_rej", []),                   # Reinforce-Rej (drop all-correct and all-wrong groups)
-    "reinforce": ("reinforce_rej", ["--reject", "none"]),     # vanilla Reinforce, A = r
+    "reinforce_rej": ("reinforce_rej", ["--log-kl"]),                  # Reinforce-Rej (drop all-correct and all-wrong groups)
+    "reinforce": ("reinforce_rej", ["--reject", "none", "--log-kl"]),     # vanilla Reinforce, A = r
     # GRPO's advantage (r - mean) / std inside reinforce_rej.py: the same update as "grpo" up to the loss
     # aggregation (seq-mean-token-mean), run there because that script logs the KL to the start model
-    "grpo_adv": ("reinforce_rej", ["--reject", "none", "--mean-zero", "--std-normalize"]),
+    "grpo_adv": ("reinforce_rej", ["--reject", "none", "--mean-zero", "--std-normalize", "--log-kl"]),
+    "ppo": ("ppo", []),                                      # PPO with a value model (critic from the policy)
     "iterative_dpo": ("iterative_dpo", []),                  # online iterative DPO: one pair per prompt, 2 updates/step
     "em": ("em", ["--eval-every", "5"]),                    # evaluate at steps 0, 5, 10 (default: every 2)
     "rest_em": ("rest_em", []),
     "weak_to_strong": ("weak_to_strong", []),                 # weak = the first 6 layers at lr 5e-5 (the defaults)
     "weak_to_strong_l5": ("weak_to_strong", ["--weak-layers", "5", "--weak-lr", "1e-4"]),  # a near-chance supervisor
 }
-BUDGET_MATCHED = {"grpo", "raft", "reinforce_rej", "iterative_dpo"}  # scripts that take the shared sampling-budget flags as given
+BUDGET_MATCHED = {"grpo", "raft", "reinforce_rej", "iterative_dpo", "ppo"}  # scripts that take the shared sampling-budget flags as given
 
 
 def command(name, seed, args, out):

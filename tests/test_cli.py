@@ -7,7 +7,7 @@ import pytest
 
 from conftest import ROOT
 
-SCRIPTS = ["grpo", "em", "raft", "reinforce_rej", "rest_em", "weak_to_strong", "iterative_dpo"]
+SCRIPTS = ["grpo", "em", "raft", "reinforce_rej", "rest_em", "weak_to_strong", "iterative_dpo", "ppo"]
 SHARED_FLAGS = {  # flag -> (value passed, attribute, parsed value)
     "--model": ("some/model", "model", "some/model"),
     "--dataset": ("arith:mul:1", "dataset", "arith:mul:1"),

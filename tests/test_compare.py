@@ -40,7 +40,8 @@ def write_run(root, name, seed, records, wall):
 
 def test_report_means_per_seed_rows_and_weak_to_strong_table(tmp_path, capsys):
     for seed, (before, after) in enumerate([(0.30, 0.60), (0.40, 0.80)]):
-        steps = [{"step": s, "reward": 0.1 * s, "step_time": 1.0, "entropy": 0.5, "kl": 0.01 * s} for s in range(1, 7)]
+        steps = [{"step": s, "reward": 0.1 * s, "correct": 0.1 * s, "step_time": 1.0, "entropy": 0.5, "kl": 0.01 * s}
+                 for s in range(1, 7)]
         write_run(tmp_path, "grpo", seed, [{"step": 0, "eval/accuracy": before, "eval/sampled_accuracy": 0.1}] + steps
                   + [{"step": 6, "eval/accuracy": after, "eval/sampled_accuracy": 0.5}], 100 + seed)
         write_run(tmp_path, "weak_to_strong", seed, [{"phase": "summary", "step": 0, "weak": 0.6, "ceiling": 0.8 + 0.1 * seed,
@@ -51,7 +52,7 @@ def test_report_means_per_seed_rows_and_weak_to_strong_table(tmp_path, capsys):
     compare.report(tmp_path, ["grpo", "weak_to_strong", "weak_to_strong_l5"], [0, 1])
     text = (tmp_path / "results.md").read_text()
     assert "| grpo | 2 | 35.0% → 70.0% | 10.0% → 50.0% |" in text  # means over the two seeds
-    # per seed: last-5-step mean of the training reward (0.2..0.6 -> 0.4), last KL 0.06, wall seconds
+    # per seed: last-5-step mean of `correct` (0.2..0.6 -> 0.4), last KL 0.06, wall seconds
     assert "| grpo | 1 | 40.0% | 80.0% | 10.0% | 50.0% | 40.0% | 0.0600 | 101 |" in text
     assert "| weak_to_strong | 0 | 60.0% | 80.0% | 70.0% | 75.0% | 0.50 | 0.75 | 50 |" in text
     assert "| weak_to_strong | mean | 60.0% | 85.0% | 70.0% | 75.0% | 0.42 | 0.62 | |" in text
