@@ -383,7 +383,7 @@ def _read_file(path: Path) -> list:
             return datasets.load_dataset(path.suffix[1:], data_files=str(path), split="train").to_list()
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: cannot read dataset file {path}: {str(e).splitlines()[0][:200]}")
-    raise SystemExit(f"error: dataset file {path}: unsupported type '{path.suffix}' (use .jsonl, .json, .parquet, .csv)")
+    raise SystemExit(f"error: dataset file {path}: unsupported type '{path.suffix}' (.jsonl, .json, .parquet, .csv)")
 
 
 def load_records(spec: str, split: str = "train", question_key=None, answer_key=None, n=None, seed=0) -> list:
@@ -403,7 +403,8 @@ def load_records(spec: str, split: str = "train", question_key=None, answer_key=
     path = Path(spec).expanduser()
     if path.is_file():
         records = normalize_records(_read_file(path), str(path), question_key, answer_key)
-    elif not path.is_dir() and (path.suffix in DATA_SUFFIXES or spec.startswith((".", "/", "~")) or spec.count("/") > 1):
+    elif not path.is_dir() and (path.suffix in DATA_SUFFIXES or spec.startswith((".", "/", "~"))
+                                or spec.count("/") > 1):
         raise SystemExit(f"error: dataset file {spec} not found")
     else:  # a hub id, or a local dataset directory, through `datasets`
         import datasets

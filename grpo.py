@@ -91,8 +91,7 @@ def parse_args(argv=None):
                       non_negative=("beta", "warmup_steps", "weight_decay", "eval_every"))
     if args.num_generations < 2:
         p.error("--num-generations must be >= 2: group-normalized advantages need two samples per prompt")
-    P = args.prompts_per_step  # the bound on the groups drawn per step: P without dynamic sampling
-    args.max_resample = (args.max_resample or 3 * P) if args.dynamic_sampling else P
+    args.max_resample = args.max_resample or 3 * args.prompts_per_step  # read only with --dynamic-sampling
     low, high = (3e-4, 4e-4) if args.importance_sampling_level == "sequence" else (0.2, 0.2)  # GSPO v2 §5.1, as TRL
     args.epsilon, args.epsilon_high = args.epsilon or low, args.epsilon_high or args.epsilon or high
     return args
@@ -123,8 +122,7 @@ def generate(model, prompt_ids, prompt_mask, num_samples, max_new_tokens, temper
     eos = torch.tensor(eos_ids, device=device)
     seen = None  # (b, V) tokens already in the prompt (padding excluded) or the completion, for the penalty
     if repetition_penalty != 1.0:
-        seen = (torch.zeros(P, V, device=device).scatter_add_(1, prompt_ids, prompt_mask.float()) > 0)
-        seen = seen.repeat_interleave(G, 0)
+        seen = torch.zeros_like(logits).scatter_add_(1, prompt_ids.repeat_interleave(G, 0), attn.float()) > 0
     for t in range(max_new_tokens):
         if seen is not None:  # HF RepetitionPenaltyLogitsProcessor: positive logits / penalty, negative * penalty
             penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
@@ -198,14 +196,12 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, prompt_i
         hidden = torch.cat([hidden, out.last_hidden_state], 1)  # (B, T, H)
     hidden, targets = hidden.reshape(B * T, -1), completion_ids.reshape(B * T)
     entropy_grad = entropy_grad and torch.is_grad_enabled()
-    logprobs, entropy = [], []
+    parts = []  # (log-probs, entropy) of each chunk
     for s in range(0, B * T, chunk_tokens):
         chunk = (lm_head, hidden[s:s + chunk_tokens], targets[s:s + chunk_tokens], temperature, entropy_grad)
-        lp, ent = checkpoint(token_logprobs, *chunk, use_reentrant=False) if hidden.requires_grad else \
-            token_logprobs(*chunk)
-        logprobs.append(lp)
-        entropy.append(ent)
-    return torch.cat(logprobs).view(B, T), torch.cat(entropy).view(B, T)
+        parts.append(checkpoint(token_logprobs, *chunk, use_reentrant=False) if hidden.requires_grad else
+                     token_logprobs(*chunk))
+    return tuple(torch.cat(x).view(B, T) for x in zip(*parts))
 
 
 def token_logprobs(lm_head, hidden, targets, temperature, entropy_grad):
@@ -243,6 +239,19 @@ def frozen_logprobs(model, batches, prompt_ids, prompt_mask, completion_ids, tem
     return logprobs, entropy
 
 
+def sample_groups(model, tokenizer, prompts, records, G, args, reward_fn, eos_ids, generator, autocast):
+    """G graded completions per prompt -> prompt ids/mask (P, Lp), completion ids (P*G, T), lens, rewards (P*G,)."""
+    prompt_ids, prompt_mask = common.tokenize_prompts(tokenizer, prompts, model.device)
+    common.check_context_length(model, prompt_ids.shape[1], args.max_new_tokens)
+    with autocast():
+        completion_ids, lens = generate(model, prompt_ids, prompt_mask, G, args.max_new_tokens, args.temperature,
+                                        eos_ids, generator)  # (P*G, T)
+    texts = common.decode(tokenizer, completion_ids, lens)
+    rewards = common.compute_rewards(reward_fn, [p for p in prompts for _ in range(G)], texts,
+                                     [r for r in records for _ in range(G)])
+    return prompt_ids, prompt_mask, completion_ids, lens, torch.tensor(rewards, device=model.device)
+
+
 def log_step(metrics_file, record, fields=()):
     """Append a record to metrics.jsonl; with fields [(key, label, format)], print them as one compact line."""
     metrics_file.write(json.dumps(record) + "\n")
@@ -274,20 +283,17 @@ def group_advantages(rewards, num_generations, scale_std=True, eps=1e-4, leave_o
 
 def grpo_loss(logprobs, old_logprobs, advantages, mask, loss_type="dapo", eps_low=0.2, eps_high=0.2,
               beta=0.0, ref_logprobs=None, num_seqs=None, num_tokens=None, max_len=None, sequence_level=False):
-    """Clipped surrogate (or cispo's term) + beta * k3 KL, aggregated per `loss_type`; equations above; GSPO's s_i is
-    broadcast to its tokens (as TRL). logprobs/old/ref/mask: (B, T); advantages: (B,). num_seqs / num_tokens /
-    max_len are the WHOLE generation batch's (default: this batch's): micro-batch losses sum to the full batch's."""
+    """Clipped surrogate (cispo: its term) + beta * k3 KL per `loss_type` (above; GSPO's s_i at every token, as TRL)
+    on (B, T), advantages (B,); num_seqs / num_tokens / max_len: the WHOLE batch's, so micro-batch losses sum to it."""
     num_seqs, num_tokens, max_len = num_seqs or mask.shape[0], num_tokens or mask.sum(), max_len or mask.shape[1]
     log_ratio = logprobs - old_logprobs
     if sequence_level:  # (B, 1): one ratio per sequence, padding excluded
         log_ratio = (log_ratio * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
     ratio, adv = torch.exp(log_ratio), advantages[:, None]
-    if loss_type == "cispo":
-        per_token = -torch.clamp(ratio, max=1 + eps_high).detach() * adv * logprobs
-        clipped = ratio > 1 + eps_high
-    else:
-        per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
-        clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
+    per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
+    clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
+    if loss_type == "cispo":  # the weight clipped and detached: every token keeps a REINFORCE gradient
+        per_token, clipped = -torch.clamp(ratio, max=1 + eps_high).detach() * adv * logprobs, ratio > 1 + eps_high
     kl = None
     if ref_logprobs is not None:
         d = ref_logprobs - logprobs
@@ -350,37 +356,30 @@ def main(argv=None):
         param.grad = torch.zeros_like(param)  # still steps AdamW with a zero gradient, as the full batch would
     generator, data_rng, order = torch.Generator(device).manual_seed(args.seed), random.Random(args.seed), []
     metrics_file, G, P = open(run_dir / "metrics.jsonl", "w"), args.num_generations, args.prompts_per_step
-    sequence_level = args.importance_sampling_level == "sequence"  # GSPO
     print(f"{ALGO}: {len(train)} train / {len(test)} eval problems, {len(fewshot)}-shot, model {args.model} on "
           f"{device} (weights {weight_dtype}, autocast {autocast_dtype}), output {run_dir}")
     before = evaluate(model, tokenizer, test_prompts, test, args, eos_ids, autocast, 0, run_dir, metrics_file)
     zero_std_streak, warned_truncated = 0, False
     for step in tqdm(range(1, args.steps + 1), desc=ALGO, dynamic_ncols=True):
-        # ---- 1. sample G completions for each of P prompts, grade them; --dynamic-sampling (DAPO §3.2): draw the
-        # shortfall again until P groups have reward variance or --max-resample groups were drawn -------------
-        t_step, batch, parts, kept = time.perf_counter(), [], [], 0  # kept: groups to train on
-        while kept < P and len(batch) < args.max_resample:
-            new = common.next_batch(train, order, data_rng, min(P - kept, args.max_resample - len(batch)))
-            prompt_ids, prompt_mask = common.tokenize_prompts(tokenizer, prompts := [prompt_of(r) for r in new], device)
-            common.check_context_length(model, prompt_ids.shape[1], args.max_new_tokens)
-            with autocast():
-                ids, lens = generate(model, prompt_ids, prompt_mask, G, args.max_new_tokens, args.temperature,
-                                     eos_ids, generator)  # (n*G, T)
-            rewards = common.compute_rewards(reward_fn, [p for p in prompts for _ in range(G)],
-                                             common.decode(tokenizer, ids, lens), [r for r in new for _ in range(G)])
-            parts, batch = parts + [(ids, lens, torch.tensor(rewards, device=device))], batch + new
-            kept += int((parts[-1][2].view(-1, G).std(1) > 0).sum()) if args.dynamic_sampling else len(new)
-        if kept < P:
+        # ---- 1. sample G completions for P prompts, grade them; --dynamic-sampling (DAPO §3.2): more until P vary --
+        t_step, batch = time.perf_counter(), common.next_batch(train, order, data_rng, P)
+        prompt_ids, prompt_mask, completion_ids, lens, rewards = sample_groups(
+            model, tokenizer, [prompt_of(r) for r in batch], batch, G, args, reward_fn, eos_ids, generator, autocast)
+        while args.dynamic_sampling and (kept := int((rewards.view(-1, G).std(1) > 0).sum())) < P \
+                and len(batch) < args.max_resample:
+            more = common.next_batch(train, order, data_rng, min(P - kept, args.max_resample - len(batch)))
+            _, _, more_ids, more_lens, more_rewards = sample_groups(
+                model, tokenizer, [prompt_of(r) for r in more], more, G, args, reward_fn, eos_ids, generator, autocast)
+            completion_ids = torch.nn.utils.rnn.pad_sequence([*completion_ids, *more_ids], True, eos_ids[0])
+            batch, lens, rewards = batch + more, torch.cat([lens, more_lens]), torch.cat([rewards, more_rewards])
+            prompt_ids, prompt_mask = common.tokenize_prompts(tokenizer, [prompt_of(r) for r in batch], device)
+        if args.dynamic_sampling and kept < P:
             tqdm.write(f"warning: step {step}: only {kept}/{P} groups with reward variance in {len(batch)} drawn")
-        prompt_ids, prompt_mask = common.tokenize_prompts(tokenizer, [prompt_of(r) for r in batch], device)  # (N, Lp)
-        completion_ids = torch.nn.utils.rnn.pad_sequence([row for p in parts for row in p[0]], True, eos_ids[0])
-        lens, rewards = (torch.cat([part[k] for part in parts]) for k in (1, 2))  # (N*G,); ids (N*G, T) EOS-padded
-        mask = completion_mask_from_lens(lens, completion_ids.shape[1])  # (N*G, T)
+        mask = completion_mask_from_lens(lens, completion_ids.shape[1])  # (N*G, T), N groups
         gen_time = time.perf_counter() - t_step  # ---- 2. advantages ---------------------------------------------
         advantages = group_advantages(rewards, G, not args.no_std_scaling, leave_one_out=args.advantage == "rloo")
         group_std = rewards.view(-1, G).std(1)  # (N,)
-        # Groups with equal rewards have A = 0: with beta = 0 they add exactly zero gradient, so we skip their forward/
-        # backward (the loss normalizers still count them: the update is unchanged). Dynamic sampling drops them.
+        # equal rewards -> A = 0: no gradient with beta = 0, so skipped (still in the normalizers); dynamic: dropped
         counted = [i for i in range(len(lens)) if not args.dynamic_sampling or group_std[i // G] > 0]
         rows = [i for i in counted if args.beta or group_std[i // G] > 0]
         updates = [rows] * args.mu  # GRPO: mu passes over the whole generation batch (DeepSeekMath Alg. 1)
@@ -401,7 +400,8 @@ def main(argv=None):
                 old = logprobs.detach() if k == 0 else old_logprobs[r, :T]  # before the first update pi_theta = pi_old
                 ref = ref_logprobs[r, :T] if ref_logprobs is not None else None
                 loss, s = grpo_loss(logprobs, old, advantages[r], mask[r, :T], args.loss_type, args.epsilon,
-                                    args.epsilon_high, args.beta, ref, **norms, sequence_level=sequence_level)
+                                    args.epsilon_high, args.beta, ref, **norms,
+                                    sequence_level=args.importance_sampling_level == "sequence")
                 stop_if_not_finite(loss.item(), "the loss", step, run_dir)
                 loss.backward()  # accumulates: the sum over micro-batches is the full-batch gradient
                 s.update(loss=loss.item() / len(updates), entropy_sum=float((entropy.detach() * mask[r, :T]).sum()),

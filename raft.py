@@ -117,8 +117,7 @@ def generate(model, prompt_ids, prompt_mask, num_samples, max_new_tokens, temper
     eos = torch.tensor(eos_ids, device=device)
     seen = None  # (b, V) tokens already in the prompt (padding excluded) or the completion, for the penalty
     if repetition_penalty != 1.0:
-        seen = (torch.zeros(P, V, device=device).scatter_add_(1, prompt_ids, prompt_mask.float()) > 0)
-        seen = seen.repeat_interleave(G, 0)
+        seen = torch.zeros_like(logits).scatter_add_(1, prompt_ids.repeat_interleave(G, 0), attn.float()) > 0
     for t in range(max_new_tokens):
         if seen is not None:  # HF RepetitionPenaltyLogitsProcessor: positive logits / penalty, negative * penalty
             penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
@@ -192,14 +191,12 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, prompt_i
         hidden = torch.cat([hidden, out.last_hidden_state], 1)  # (B, T, H)
     hidden, targets = hidden.reshape(B * T, -1), completion_ids.reshape(B * T)
     entropy_grad = entropy_grad and torch.is_grad_enabled()
-    logprobs, entropy = [], []
+    parts = []  # (log-probs, entropy) of each chunk
     for s in range(0, B * T, chunk_tokens):
         chunk = (lm_head, hidden[s:s + chunk_tokens], targets[s:s + chunk_tokens], temperature, entropy_grad)
-        lp, ent = checkpoint(token_logprobs, *chunk, use_reentrant=False) if hidden.requires_grad else \
-            token_logprobs(*chunk)
-        logprobs.append(lp)
-        entropy.append(ent)
-    return torch.cat(logprobs).view(B, T), torch.cat(entropy).view(B, T)
+        parts.append(checkpoint(token_logprobs, *chunk, use_reentrant=False) if hidden.requires_grad else
+                     token_logprobs(*chunk))
+    return tuple(torch.cat(x).view(B, T) for x in zip(*parts))
 
 
 def token_logprobs(lm_head, hidden, targets, temperature, entropy_grad):
@@ -235,6 +232,19 @@ def frozen_logprobs(model, batches, prompt_ids, prompt_mask, completion_ids, tem
             logprobs[r, :T], entropy[r, :T] = completion_logprobs(
                 model, prompt_ids[ps], prompt_mask[ps], completion_ids[r, :T], prompt_index, temperature)
     return logprobs, entropy
+
+
+def sample_groups(model, tokenizer, prompts, records, G, args, reward_fn, eos_ids, generator, autocast):
+    """G graded completions per prompt -> prompt ids/mask (P, Lp), completion ids (P*G, T), lens, rewards (P*G,)."""
+    prompt_ids, prompt_mask = common.tokenize_prompts(tokenizer, prompts, model.device)
+    common.check_context_length(model, prompt_ids.shape[1], args.max_new_tokens)
+    with autocast():
+        completion_ids, lens = generate(model, prompt_ids, prompt_mask, G, args.max_new_tokens, args.temperature,
+                                        eos_ids, generator)  # (P*G, T)
+    texts = common.decode(tokenizer, completion_ids, lens)
+    rewards = common.compute_rewards(reward_fn, [p for p in prompts for _ in range(G)], texts,
+                                     [r for r in records for _ in range(G)])
+    return prompt_ids, prompt_mask, completion_ids, lens, torch.tensor(rewards, device=model.device)
 
 
 def log_step(metrics_file, record, fields=()):
@@ -341,14 +351,8 @@ def main(argv=None):
     for step in tqdm(range(1, args.steps + 1), desc=ALGO, dynamic_ncols=True):
         # ---- 1. sample G completions for each of P prompts, grade them (+1 / --incorrect-reward) --------------
         t_step, batch = time.perf_counter(), common.next_batch(train, order, data_rng, P)
-        prompt_ids, prompt_mask = common.tokenize_prompts(tokenizer, prompts := [prompt_of(r) for r in batch], device)
-        common.check_context_length(model, prompt_ids.shape[1], args.max_new_tokens)
-        with autocast():
-            completion_ids, lens = generate(model, prompt_ids, prompt_mask, G, args.max_new_tokens, args.temperature,
-                                            eos_ids, generator)  # (P*G, T)
-        rewards = torch.tensor(common.compute_rewards(reward_fn, [p for p in prompts for _ in range(G)],
-                                                      common.decode(tokenizer, completion_ids, lens),
-                                                      [r for r in batch for _ in range(G)]), device=device)  # (P*G,)
+        prompt_ids, prompt_mask, completion_ids, lens, rewards = sample_groups(
+            model, tokenizer, [prompt_of(r) for r in batch], batch, G, args, reward_fn, eos_ids, generator, autocast)
         rewards = rewards if args.reward_fn else torch.where(rewards > 0, 1.0, args.incorrect_reward)  # paper: +1/-1
         mask = completion_mask_from_lens(lens, completion_ids.shape[1])  # (P*G, T)
         gen_time = time.perf_counter() - t_step  # ---- 2. advantages ---------------------------------------------

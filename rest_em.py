@@ -117,8 +117,7 @@ def generate(model, prompt_ids, prompt_mask, num_samples, max_new_tokens, temper
     eos = torch.tensor(eos_ids, device=device)
     seen = None  # (b, V) tokens already in the prompt (padding excluded) or the completion, for the penalty
     if repetition_penalty != 1.0:
-        seen = (torch.zeros(P, V, device=device).scatter_add_(1, prompt_ids, prompt_mask.float()) > 0)
-        seen = seen.repeat_interleave(G, 0)
+        seen = torch.zeros_like(logits).scatter_add_(1, prompt_ids.repeat_interleave(G, 0), attn.float()) > 0
     for t in range(max_new_tokens):
         if seen is not None:  # HF RepetitionPenaltyLogitsProcessor: positive logits / penalty, negative * penalty
             penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
@@ -186,14 +185,12 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, prompt_i
         hidden = torch.cat([hidden, out.last_hidden_state], 1)  # (B, T, H)
     hidden, targets = hidden.reshape(B * T, -1), completion_ids.reshape(B * T)
     entropy_grad = entropy_grad and torch.is_grad_enabled()
-    logprobs, entropy = [], []
+    parts = []  # (log-probs, entropy) of each chunk
     for s in range(0, B * T, chunk_tokens):
         chunk = (lm_head, hidden[s:s + chunk_tokens], targets[s:s + chunk_tokens], temperature, entropy_grad)
-        lp, ent = checkpoint(token_logprobs, *chunk, use_reentrant=False) if hidden.requires_grad else \
-            token_logprobs(*chunk)
-        logprobs.append(lp)
-        entropy.append(ent)
-    return torch.cat(logprobs).view(B, T), torch.cat(entropy).view(B, T)
+        parts.append(checkpoint(token_logprobs, *chunk, use_reentrant=False) if hidden.requires_grad else
+                     token_logprobs(*chunk))
+    return tuple(torch.cat(x).view(B, T) for x in zip(*parts))
 
 
 def token_logprobs(lm_head, hidden, targets, temperature, entropy_grad):

@@ -108,8 +108,7 @@ def generate(model, prompt_ids, prompt_mask, num_samples, max_new_tokens, temper
     eos = torch.tensor(eos_ids, device=device)
     seen = None  # (b, V) tokens already in the prompt (padding excluded) or the completion, for the penalty
     if repetition_penalty != 1.0:
-        seen = (torch.zeros(P, V, device=device).scatter_add_(1, prompt_ids, prompt_mask.float()) > 0)
-        seen = seen.repeat_interleave(G, 0)
+        seen = torch.zeros_like(logits).scatter_add_(1, prompt_ids.repeat_interleave(G, 0), attn.float()) > 0
     for t in range(max_new_tokens):
         if seen is not None:  # HF RepetitionPenaltyLogitsProcessor: positive logits / penalty, negative * penalty
             penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
