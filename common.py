@@ -54,8 +54,8 @@ def save_pretrained_atomic(model, tokenizer, out_dir, dtype=None) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
     try:
-        state = None if dtype is None else {k: v.to(dtype) for k, v in model.state_dict().items()}
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
+        state = None if dtype is None or is_lora(model) else {k: v.to(dtype) for k, v in model.state_dict().items()}
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state} if state else {}))  # LoRA: adapter
         if state is not None:
             config_path = tmp / "config.json"
             config = json.loads(config_path.read_text())
@@ -123,25 +123,99 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(device: str = "auto", distributed: bool = False) -> torch.device:
+    """The device of this process. Under torchrun (WORLD_SIZE > 1) also joins the process group (nccl on CUDA, each
+    rank on GPU LOCAL_RANK; gloo on CPU) and silences stdout on every rank but 0; `distributed`: the script
+    supports several processes (others refuse with one line)."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {device} requested but no CUDA device is available")
-    return torch.device(device)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        if not distributed:
+            raise SystemExit(f"error: {Path(sys.argv[0]).name} runs in one process only (for now): use python, "
+                             "not torchrun")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if rank() > 0:  # rank 0 alone prints (errors still reach stderr)
+            sys.stdout = open(os.devnull, "w")
+    return device
 
 
-def resolve_dtype(dtype: str, device: torch.device):
+# ----------------------------------------------------------------------------------------------------------
+# Several processes (torchrun): each rank trains on its share of the prompts; gradients and every count are
+# summed over the ranks, so N processes x P/N prompts make the same update as 1 process x P prompts
+# ----------------------------------------------------------------------------------------------------------
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def rank_generator(device, seed):
+    """A torch generator on `device` seeded seed + rank: each rank draws its own samples (rank 0: `seed`)."""
+    return torch.Generator(device).manual_seed(seed + rank())
+
+
+def shard(items):
+    """This rank's contiguous share of a list (all of it in one process)."""
+    n, r, w = len(items), rank(), world_size()
+    return items[r * n // w:(r + 1) * n // w]
+
+
+def all_sum(value):
+    """The sum over ranks of a number or tensor (the value itself in one process); a float for a number."""
+    if world_size() == 1:
+        return value
+    t = value.detach().clone() if torch.is_tensor(value) else \
+        torch.tensor(float(value), dtype=torch.float64, device=_comm_device())
+    torch.distributed.all_reduce(t)
+    return t if torch.is_tensor(value) else float(t)
+
+
+def all_gather(tensor):
+    """(n, ...) on each rank -> (world * n, ...): rank 0's rows first (equal n on every rank)."""
+    if world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    torch.distributed.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def all_reduce_gradients(model):
+    """Sum the gradients over ranks (what DDP does, done by hand: our training forward calls the decoder and the
+    head separately, which DDP's wrapped forward would not see; cleanrl's multi-GPU PPO does the same)."""
+    if world_size() > 1:
+        for param in (p for p in model.parameters() if p.requires_grad):
+            if param.grad is None:  # this rank trained no row of the update: it adds zero
+                param.grad = torch.zeros_like(param)
+            torch.distributed.all_reduce(param.grad)
+
+
+def _comm_device():
+    return torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else \
+        torch.device("cpu")
+
+
+def open_log(path, mode="w"):
+    """A log file of rank 0; the null device on the other ranks (one writer per file)."""
+    return open(path if rank() == 0 else os.devnull, mode)
+
+
+def resolve_dtype(dtype: str, device: torch.device, lora: bool = False):
     """-> (weight dtype, autocast dtype or None). Every policy but pure-bfloat16 keeps fp32 master weights: AdamW's
     updates at lr 1e-6 are far below bf16's resolution (|w| * 2^-8), so bf16 weights would round most of them away.
     auto: the matmuls in bf16 under autocast where the hardware runs bf16 natively (CUDA with bf16, CPUs with
     AMX / AVX512-BF16: ~6x faster than fp32 there), else fp32 (an AVX2-only CPU emulates bf16 ~100x slower).
     bfloat16: bf16 autocast regardless. pure-bfloat16: bf16 weights, no autocast, half the weight memory, but those
-    small updates are lost: an explicit opt-in that warns."""
-    if dtype == "auto":
-        return torch.float32, (torch.bfloat16 if bf16_is_native(device) else None)
-    if dtype in ("bfloat16", "bf16"):
-        return torch.float32, torch.bfloat16
+    small updates are lost: an explicit opt-in that warns. lora: nothing updates the frozen base, so it is stored in
+    the compute dtype (bf16 under autocast: half the memory); peft keeps the adapter, the trained part, in fp32."""
+    if dtype in ("auto", "bfloat16", "bf16"):
+        compute = torch.bfloat16 if dtype != "auto" or bf16_is_native(device) else None
+        return (compute if lora and compute else torch.float32), compute
     if dtype in ("float32", "fp32"):
         return torch.float32, None
     if dtype == "pure-bfloat16":
@@ -227,6 +301,70 @@ def _checkpointed(forward, layer_idx):
     return run_layer
 
 
+def add_scale_args(parser):
+    """Flags for real scale, the same in every script: gradient checkpointing and LoRA (peft; --lora-rank 0, the
+    default, is full fine-tuning)."""
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute decoder layers in the backward")
+    parser.add_argument("--lora-rank", type=int, default=0, help="LoRA rank r (0: full fine-tuning)")
+    parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha (default: 2 x rank, as TRL)")
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (0 keeps pi_old = pi_theta)")
+    parser.add_argument("--lora-target-modules", nargs="+", default=None,
+                        help="module names to adapt (default: every linear projection of the decoder blocks)")
+    parser.add_argument("--merge-lora", action="store_true", help="the final save merges the adapter into the model")
+
+
+def add_lora(model, args, decoder=None):
+    """With --lora-rank > 0: freeze `model` and add LoRA adapters (peft) to the linear projections of the decoder
+    blocks (`decoder`: the module holding .layers, default model.get_decoder()); print the trainable share. The
+    start model is the same object with its adapter off (`adapter_off`): no second copy of the weights."""
+    if not args.lora_rank:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    if args.lora_rank < 0 or not 0 <= args.lora_dropout < 1:
+        raise SystemExit(f"error: --lora-rank must be >= 0 and --lora-dropout in [0, 1) (got {args.lora_rank}, "
+                         f"{args.lora_dropout})")
+    layers = (decoder if decoder is not None else model.get_decoder()).layers
+    linear = sorted({name.split(".")[-1] for name, m in layers.named_modules() if isinstance(m, torch.nn.Linear)})
+    targets = args.lora_target_modules or linear
+    if not set(targets) & {name.split(".")[-1] for name, _ in model.named_modules()}:
+        raise SystemExit(f"error: --lora-target-modules {' '.join(targets)}: no such module (this model has "
+                         f"{' '.join(linear)})")
+    config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank, target_modules=targets,
+                        lora_dropout=args.lora_dropout)
+    model = get_peft_model(model, config)
+    if args.lora_dropout:  # the scripts train in eval mode (no dropout); LoRA's own dropout is switched on alone
+        print("warning: --lora-dropout > 0: pi_old and pi_theta (and sampling) see different dropout masks")
+        for name, module in model.named_modules():
+            module.train(module.training or "lora_dropout" in name)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"trainable: {trainable / 1e6:.1f}M of {total / 1e6:.0f}M ({trainable / total:.1%}), LoRA rank "
+          f"{args.lora_rank} on {' '.join(targets)}")
+    return model
+
+
+def is_lora(model) -> bool:
+    """A peft LoRA model (add_lora's result)."""
+    return "peft" in sys.modules and isinstance(model, sys.modules["peft"].PeftModel)
+
+
+def reference_model(model):
+    """The frozen start model pi_ref for the KL: a frozen copy of the weights, or with LoRA the model itself, to be
+    read inside `adapter_off(ref_model)`."""
+    import copy
+
+    return model if is_lora(model) else copy.deepcopy(model).requires_grad_(False)
+
+
+def adapter_off(model):
+    """A context in which a LoRA model computes its base (start) model; a no-op otherwise (and for None)."""
+    import contextlib
+
+    return model.disable_adapter() if model is not None and is_lora(model) else contextlib.nullcontext()
+
+
 def stop_token_ids(tokenizer, model) -> list:
     """Token ids that end a completion: the tokenizer's EOS, the generation config's EOS, and the chat template's
     end-of-turn token where it differs (Qwen2.5 base models: EOS <|endoftext|>, turns end with <|im_end|>;
@@ -254,31 +392,52 @@ def check_context_length(model, prompt_len: int, max_new_tokens: int):
 # ----------------------------------------------------------------------------------------------------------
 # Runs: argument checks, the run directory, saving
 # ----------------------------------------------------------------------------------------------------------
-def check_args(parser, args, at_least_one=(), positive=(), non_negative=()):
+def seed_all(seed):
+    """Python's and torch's global generators (the scripts' own generators are seeded where they are made)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_args(parser, args, at_least_one=(), positive=(), non_negative=(), one_process=()):
     """Command-line checks shared by the scripts: one clear line (argparse's usage error, exit 2) for a numeric
-    flag out of its range; None means 'unset'."""
+    flag out of its range (None means 'unset'), for --prompts-per-step not divisible by torchrun's process count,
+    and for a flag in `one_process` (not supported with several processes) under torchrun."""
     for names, ok, rule in ((at_least_one, lambda v: v >= 1, ">= 1"), (positive, lambda v: v > 0, "> 0"),
                             (non_negative, lambda v: v >= 0, ">= 0")):
         for name in names:
             value = getattr(args, name)
             if value is not None and not (math.isfinite(value) and ok(value)):
                 parser.error(f"--{name.replace('_', '-')} must be {rule} (got {value})")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's process count
+    if getattr(args, "prompts_per_step", None) and args.prompts_per_step % world:
+        parser.error(f"--prompts-per-step {args.prompts_per_step} must be divisible by the {world} processes")
+    for name in (n for n in one_process if getattr(args, n) and world > 1):
+        parser.error(f"--{name.replace('_', '-')} runs in one process only (for now): use python, not torchrun")
 
 
 def make_run_dir(args, name):
     """runs/<name>__<seed>__<time> (or --output-dir) with the run's arguments in args.json."""
-    run_dir = Path(args.output_dir or f"runs/{name}__{args.seed}__{int(time.time())}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
-    (run_dir / "samples.jsonl").write_text("")  # a few eval completions, appended at every eval
+    stamp = [int(time.time())]
+    if world_size() > 1:  # one directory for all ranks: rank 0's clock
+        torch.distributed.broadcast_object_list(stamp, src=0)
+    run_dir = Path(args.output_dir or f"runs/{name}__{args.seed}__{stamp[0]}")
+    if rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
+        (run_dir / "samples.jsonl").write_text("")  # a few eval completions, appended at every eval
     return run_dir
 
 
-def save_model(model, tokenizer, run_dir, args):
-    """The trained model to <run>/model (atomically; fp32 master weights unless --save-dtype), unless --no-save."""
-    if not args.no_save:
-        save_pretrained_atomic(model, tokenizer, Path(run_dir) / "model",
-                               getattr(torch, args.save_dtype) if args.save_dtype else None)
+def save_model(model, tokenizer, run_dir, args, final=False):
+    """The trained model to <run>/model (atomically; fp32 master weights unless --save-dtype), unless --no-save.
+    With LoRA: the adapter (peft loads it on the base; so does AutoModelForCausalLM), and with --merge-lora the
+    final save writes the merged model instead (merge_and_unload changes the model: only at the end)."""
+    if args.no_save or rank() > 0:  # one writer
+        return
+    if final and is_lora(model) and getattr(args, "merge_lora", False):
+        model = model.merge_and_unload()
+    save_pretrained_atomic(model, tokenizer, Path(run_dir) / "model",
+                           getattr(torch, args.save_dtype) if args.save_dtype else None)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ With mu = 1 rho = 1: the loss value is ~0 but its gradient is -A grad log pi (po
         --max-new-tokens 1024 --lr 1e-6 --prompts-per-step 16 --gradient-checkpointing   # one GPU, network
 """
 import argparse
-import copy
 import json
 import math
 import random
@@ -53,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "pure-bfloat16"],
                    help="auto/bfloat16: fp32 master weights + bf16 autocast; pure-bfloat16: bf16 weights (warns)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute decoder layers in the backward")
+    common.add_scale_args(p)  # --gradient-checkpointing, --lora-rank/-alpha/-dropout/-target-modules, --merge-lora
     p.add_argument("--steps", type=int, default=40, help="generation batches (each followed by --mu updates)")
     p.add_argument("--prompts-per-step", type=int, default=4, help="prompts per generation batch")
     p.add_argument("--num-generations", type=int, default=8, help="G: completions sampled per prompt (>= 2)")
@@ -61,7 +60,6 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (log-probs use logits / T)")
     p.add_argument("--dynamic-sampling", action="store_true", help="DAPO: draw groups until P have reward variance")
     p.add_argument("--max-resample", type=int, default=None, help="most groups drawn per step (default: 3 x P)")
-    # GRPO and its variants
     p.add_argument("--loss-type", default="dapo", choices=["grpo", "dapo", "dr_grpo", "cispo"], help="see above")
     p.add_argument("--importance-sampling-level", default="token", choices=["token", "sequence"], help="GSPO: sequence")
     p.add_argument("--advantage", default="group", choices=["group", "rloo"], help="rloo: leave-one-out baseline")
@@ -88,7 +86,8 @@ def parse_args(argv=None):
     common.check_args(p, args, at_least_one=("steps", "prompts_per_step", "max_new_tokens", "mu", "eval_size",
                                              "eval_batch_size", "micro_batch_prompts", "max_resample"),
                       positive=("lr", "temperature", "epsilon", "epsilon_high", "max_grad_norm"),
-                      non_negative=("beta", "warmup_steps", "weight_decay", "eval_every"))
+                      non_negative=("beta", "warmup_steps", "weight_decay", "eval_every"),
+                      one_process=("dynamic_sampling",))
     if args.num_generations < 2:
         p.error("--num-generations must be >= 2: group-normalized advantages need two samples per prompt")
     args.max_resample = args.max_resample or 3 * args.prompts_per_step  # read only with --dynamic-sampling
@@ -118,8 +117,7 @@ def generate(model, prompt_ids, prompt_mask, num_samples, max_new_tokens, temper
     B, V, device = P * G, logits.shape[-1], prompt_ids.device
     tokens = torch.full((B, max_new_tokens), eos_ids[0], dtype=torch.long, device=device)
     lens = torch.zeros(B, dtype=torch.long, device=device)
-    alive = torch.arange(B, device=device)  # rows of the batch still decoding
-    eos = torch.tensor(eos_ids, device=device)
+    alive, eos = torch.arange(B, device=device), torch.tensor(eos_ids, device=device)  # rows still decoding; stop ids
     seen = None  # (b, V) tokens already in the prompt (padding excluded) or the completion, for the penalty
     if repetition_penalty != 1.0:
         seen = torch.zeros_like(logits).scatter_add_(1, prompt_ids.repeat_interleave(G, 0), attn.float()) > 0
@@ -142,8 +140,7 @@ def generate(model, prompt_ids, prompt_mask, num_samples, max_new_tokens, temper
             tok = (candidates.gather(1, tok) if candidates is not None else tok).squeeze(1)
         else:
             tok = logits.argmax(-1)
-        tokens[alive, t] = tok
-        lens[alive] += 1
+        tokens[alive, t], lens[alive] = tok, lens[alive] + 1
         keep = ~torch.isin(tok, eos)
         if t == max_new_tokens - 1 or not keep.any():
             break
@@ -157,8 +154,7 @@ def generate(model, prompt_ids, prompt_mask, num_samples, max_new_tokens, temper
         attn = torch.cat([attn, attn.new_ones(len(alive), 1)], 1)
         out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None], cache=cache,
                     use_cache=True)
-        next_pos = next_pos + 1
-        logits = out.logits[:, -1].float()
+        next_pos, logits = next_pos + 1, out.logits[:, -1].float()
     T = max(int(lens.max()), 1)
     return tokens[:, :T], lens  # trim pad columns
 
@@ -256,10 +252,9 @@ def log_step(metrics_file, record, fields=()):
     """Append a record to metrics.jsonl; with fields [(key, label, format)], print them as one compact line."""
     metrics_file.write(json.dumps(record) + "\n")
     metrics_file.flush()
-    if not fields:
-        return
     show = lambda key, fmt: "-" if record.get(key) is None else format(record[key], fmt)
-    tqdm.write(" | ".join([f"step {record['step']:4d}"] + [f"{label} {show(key, fmt)}" for key, label, fmt in fields]))
+    if fields:  # the console line
+        tqdm.write(" | ".join([f"step {record['step']:4d}"] + [f"{lbl} {show(key, fmt)}" for key, lbl, fmt in fields]))
 
 
 def stop_if_not_finite(value, what, step, run_dir):
@@ -315,6 +310,7 @@ def evaluate(model, tokenizer, prompts, records, args, eos_ids, autocast, step, 
     """Held-out greedy and sampled accuracy (one sample at T, the same draws at every eval), logged."""
     t0, results, shown = time.perf_counter(), {}, {}
     generator = torch.Generator(model.device).manual_seed(args.seed + 1)
+    prompts, records, n = common.shard(prompts), common.shard(records), len(prompts)  # this rank's share of n
     for name, temperature in (("accuracy", 0.0), ("sampled_accuracy", args.temperature)):
         samples = []
         for i in range(0, len(prompts), args.eval_batch_size):
@@ -324,45 +320,44 @@ def evaluate(model, tokenizer, prompts, records, args, eos_ids, autocast, step, 
             samples += [dict(question=rec["question"], answer=rec["answer"], completion=text,
                              correct=common.grade(text, rec["answer"]))
                         for text, rec in zip(common.decode(tokenizer, out, lens), records[i:i + args.eval_batch_size])]
-        results[f"eval/{name}"], shown[name] = sum(s["correct"] for s in samples) / len(prompts), samples[:4]
+        results[f"eval/{name}"], shown[name] = common.all_sum(sum(s["correct"] for s in samples)) / n, samples[:4]
     log_step(metrics_file, {"step": step, **results, "eval/time": round(time.perf_counter() - t0, 2)})
-    with open(run_dir / "samples.jsonl", "a") as f:
+    with common.open_log(run_dir / "samples.jsonl", "a") as f:
         f.write(json.dumps({"step": step, "greedy": shown["accuracy"], "sampled": shown["sampled_accuracy"]}) + "\n")
     tqdm.write(f"eval step {step}: greedy acc {results['eval/accuracy']:.1%}  sampled acc (T={args.temperature}) "
-               f"{results['eval/sampled_accuracy']:.1%}  ({len(prompts)} problems, {time.perf_counter() - t0:.0f}s)")
+               f"{results['eval/sampled_accuracy']:.1%}  ({n} problems, {time.perf_counter() - t0:.0f}s)")
     return results
 
 
 def main(argv=None):
     args = parse_args(argv)  # ---- setup: arguments, precision, data, models, optimizer ---------------------------
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = common.resolve_device(args.device)
-    weight_dtype, autocast_dtype = common.resolve_dtype(args.dtype, device)
+    common.seed_all(args.seed)
+    device = common.resolve_device(args.device, distributed=True)  # torchrun: one process per device
+    weight_dtype, autocast_dtype = common.resolve_dtype(args.dtype, device, lora=args.lora_rank > 0)
     autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     run_dir = common.make_run_dir(args, ALGO)
     tokenizer = common.load_tokenizer(args.model)
     train, test, fewshot = common.load_problems(args)
     prompt_of = lambda rec: common.build_prompt(tokenizer, rec["question"], fewshot, args.system_prompt)
     test_prompts, reward_fn = [prompt_of(r) for r in test], common.load_reward_fn(args.reward_fn)
-    model = common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing)
+    model = common.add_lora(common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing), args)
     model.eval()  # no dropout: pi_old and pi_theta must be the same function of the weights
-    ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta or args.log_kl else None  # frozen start
+    ref_model = common.reference_model(model) if args.beta or args.log_kl else None  # frozen start (LoRA: no copy)
     eos_ids = common.stop_token_ids(tokenizer, model)
     common.check_context_length(model, 0, args.max_new_tokens)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / max(1, args.warmup_steps)))
-    for param in model.parameters():  # zero (not None) grads: an update whose groups were all skipped (below)
-        param.grad = torch.zeros_like(param)  # still steps AdamW with a zero gradient, as the full batch would
-    generator, data_rng, order = torch.Generator(device).manual_seed(args.seed), random.Random(args.seed), []
-    metrics_file, G, P = open(run_dir / "metrics.jsonl", "w"), args.num_generations, args.prompts_per_step
+    for param in (p for p in model.parameters() if p.requires_grad):  # zero, not None: an update whose groups
+        param.grad = torch.zeros_like(param)  # were all skipped (below) steps AdamW as the full batch would
+    generator, data_rng, order = common.rank_generator(device, args.seed), random.Random(args.seed), []
+    metrics_file, G, P = common.open_log(run_dir / "metrics.jsonl"), args.num_generations, args.prompts_per_step
     print(f"{ALGO}: {len(train)} train / {len(test)} eval problems, {len(fewshot)}-shot, model {args.model} on "
           f"{device} (weights {weight_dtype}, autocast {autocast_dtype}), output {run_dir}")
     before = evaluate(model, tokenizer, test_prompts, test, args, eos_ids, autocast, 0, run_dir, metrics_file)
     zero_std_streak, warned_truncated = 0, False
     for step in tqdm(range(1, args.steps + 1), desc=ALGO, dynamic_ncols=True):
         # ---- 1. sample G completions for P prompts, grade them; --dynamic-sampling (DAPO §3.2): more until P vary --
-        t_step, batch = time.perf_counter(), common.next_batch(train, order, data_rng, P)
+        t_step, batch = time.perf_counter(), common.shard(common.next_batch(train, order, data_rng, P))  # this rank's
         prompt_ids, prompt_mask, completion_ids, lens, rewards = sample_groups(
             model, tokenizer, [prompt_of(r) for r in batch], batch, G, args, reward_fn, eos_ids, generator, autocast)
         while args.dynamic_sampling and (kept := int((rewards.view(-1, G).std(1) > 0).sum())) < P \
@@ -383,12 +378,14 @@ def main(argv=None):
         counted = [i for i in range(len(lens)) if not args.dynamic_sampling or group_std[i // G] > 0]
         rows = [i for i in counted if args.beta or group_std[i // G] > 0]
         updates = [rows] * args.mu  # GRPO: mu passes over the whole generation batch (DeepSeekMath Alg. 1)
-        norms = dict(num_seqs=len(counted), num_tokens=mask[counted].sum(), max_len=args.max_new_tokens)
+        norms = dict(num_seqs=common.all_sum(len(counted)), num_tokens=common.all_sum(mask[counted].sum()),
+                     max_len=args.max_new_tokens)  # the whole step's counts (summed over ranks under torchrun)
         # ---- 3. frozen log-probs: pi_old when there is more than one update, pi_ref for the KL ---------------
         t_train, frozen = time.perf_counter(), (prompt_ids, prompt_mask, completion_ids, args.temperature, autocast)
         batches = micro_batches(rows, G, args.micro_batch_prompts, lens)
         old_logprobs = frozen_logprobs(model, batches, *frozen)[0] if len(updates) > 1 else None
-        ref_logprobs = frozen_logprobs(ref_model, batches, *frozen)[0] if ref_model is not None else None
+        with common.adapter_off(ref_model):  # pi_ref; with LoRA the same weights, the adapter off
+            ref_logprobs = frozen_logprobs(ref_model, batches, *frozen)[0] if ref_model is not None else None
         # ---- 4. optimizer updates ---------------------------------------------------------------------------
         stats = dict.fromkeys(("loss", "clip_frac_sum", "kl_sum", "entropy_sum", "tokens", "grad_norm"), 0.0)
         for k, update_rows in enumerate(updates):
@@ -407,19 +404,23 @@ def main(argv=None):
                 s.update(loss=loss.item() / len(updates), entropy_sum=float((entropy.detach() * mask[r, :T]).sum()),
                          tokens=float(mask[r, :T].sum()))
                 stats = {key: stats[key] + s.get(key, 0.0) for key in stats}
+            common.all_reduce_gradients(model)  # torchrun: the sum over ranks, i.e. the whole step's gradient
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm))
             stop_if_not_finite(grad_norm, "the gradient norm", step, run_dir)
             stats["grad_norm"] += grad_norm / len(updates)
             optimizer.step()
             scheduler.step()
         train_time, step_time = time.perf_counter() - t_train, time.perf_counter() - t_step
-        n_tok = stats["tokens"]  # ---- 5. log, evaluate, save: loss keys are means over the tokens trained --------
+        stats = {k: v if k == "grad_norm" else common.all_sum(v) for k, v in stats.items()}  # ---- 5. log, eval, save
+        truncated, used = truncated_rows(completion_ids, lens, eos_ids).float(), int(common.all_sum(len(rows)))
+        rewards, lens, truncated, group_std = (common.all_gather(x) for x in (rewards, lens, truncated, group_std))
+        n_tok = stats["tokens"]  # every rank's rows above; loss keys are means over the tokens trained
         per_token = {k: stats[f"{k}_sum"] / n_tok if n_tok else None for k in ("entropy", "kl", "clip_frac")}
         record = {"step": step, "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
-                  "correct": float((rewards > 0).float().mean()), "groups_drawn": len(batch),
-                  "groups_dropped": len(batch) - len(counted) // G, "samples_used": len(rows),
+                  "correct": float((rewards > 0).float().mean()), "groups_drawn": len(group_std), "groups_dropped":
+                  len(group_std) - int(norms["num_seqs"]) // G, "samples_used": used,
                   "frac_zero_std": float((group_std == 0).float().mean()), "updates": len(updates),
-                  "truncated": float(truncated_rows(completion_ids, lens, eos_ids).float().mean()),
+                  "truncated": float(truncated.mean()),
                   "completion_len": float(lens.float().mean()), "tokens_used": int(stats["tokens"]),
                   **per_token, "kl": per_token["kl"] if ref_model is not None else None, "loss": stats["loss"],
                   "grad_norm": stats["grad_norm"], "lr": scheduler.get_last_lr()[0], "gen_time": round(gen_time, 3),
@@ -436,7 +437,7 @@ def main(argv=None):
             evaluate(model, tokenizer, test_prompts, test, args, eos_ids, autocast, step, run_dir, metrics_file)
             common.save_model(model, tokenizer, run_dir, args)
     after = evaluate(model, tokenizer, test_prompts, test, args, eos_ids, autocast, args.steps, run_dir, metrics_file)
-    common.save_model(model, tokenizer, run_dir, args)
+    common.save_model(model, tokenizer, run_dir, args, final=True)
     metrics_file.close()
     print(f"held-out greedy accuracy {before['eval/accuracy']:.1%} -> {after['eval/accuracy']:.1%}, sampled "
           f"{before['eval/sampled_accuracy']:.1%} -> {after['eval/sampled_accuracy']:.1%}; metrics in {run_dir}")
