@@ -668,8 +668,14 @@ def _reference_answer(reference):
     if "\\\\boxed" in ref:  # a double-escaped source string
         ref = re.sub(r"\\\\(?=[A-Za-z])", r"\\", ref)
     if re.search(r"\\(?:boxed|fbox)\b", ref) or _MARKER.search(ref):
-        if (unterminated := re.fullmatch(r"\s*\\boxed\s*\{([^{}]*)", ref)):
-            return unterminated.group(1)
+        spans = _boxed_spans(ref)
+        if not spans and (unterminated := re.fullmatch(r"\s*\$?\\boxed\s*\{(.*?)\$?\s*", ref, re.DOTALL)) \
+                and _balanced(re.sub(r"[^{}]", "", unterminated.group(1))):
+            return unterminated.group(1)  # "\boxed{W(n) = 1 \text{ and } W(n) = -1": only its last brace lost
+        junk = r"[^\w\\]*"  # no words, digits or commands: "\boxed{35 cm} ++++++ \boxed{4}" lists two answers
+        if len(spans) > 1 and all(re.fullmatch(junk, ref[a[1]:b[0]]) for a, b in zip(spans, spans[1:])) and \
+                re.fullmatch(junk, ref[:spans[0][0]] + ref[spans[-1][1]:]):
+            return ", ".join(dict.fromkeys(content.strip() for _, _, content in spans))
         return extract_answer(ref) or ref
     return ref
 
@@ -783,7 +789,8 @@ def _items(s):
     groups = _split_top(s, ";")
     if len(groups) > 1 and any(len(_split_top(g)) > 1 for g in groups) and all("=" in g for g in groups):
         s = ", ".join("(" + ", ".join(v.split("=")[-1].strip() for v in _split_top(g)) + ")" for g in groups)
-    parts = _split_top(re.sub(r"\s*(?:,|;)?\s*\b(?:and|or)\b\s*", ",", s.replace(";", ",")))
+    joiner = r"\s*(?:,|;)?\s*\b(?:and|or)\b\s*|(?<=[\d)\]}])(?:and|or)(?=[A-Za-z(\[{\\-]|\d)"  # also glued: 1orW(x)
+    parts = _split_top(re.sub(joiner, ",", s.replace(";", ",")))
     items = []
     for part in parts:
         sides = _split_top(part, "=")  # not the = of \sum_{k=0}
@@ -957,6 +964,8 @@ def _equivalent(pred, ref, depth=0):
         if a != b and (long_decimal(p, b) or long_decimal(r, a)):  # 0.0833333333333333 for 1/12
             return abs(a - b) <= Fraction(1, 10**12) * abs(b)
         return a == b  # exact: 44851 != 44850, 1/2^98 != 1/2^99
+    if a is None and b is not None and (stated := _sentence_number(p)) is not None:
+        return stated == b  # "Final Answer: Jane started growing Sphere 3 hours ago." vs 3
     if (a is None) != (b is None) and re.fullmatch(r"[A-Za-z() ]+", p + r if a is None else r):
         return False
     if re.fullmatch(r"[A-Za-z() ]+", p) and re.fullmatch(r"[A-Za-z() ]+", r):
@@ -964,6 +973,23 @@ def _equivalent(pred, ref, depth=0):
     if (len(_split_top(p, "=")) > 1) != (len(_split_top(r, "=")) > 1):  # an equation is not a value
         return False  # math-verify would compare "y=2x" with "2x"
     return _math_verify(p, r)
+
+
+_QUALIFIER = re.compile(r"\b(?:not|no|never|none|nor|or|than|least|most|about|approx\w*|around|roughly|nearly|almost|"
+                        r"between|either|neither|maybe|probably|perhaps|possibly|likely|unless|except|if|up|over|under|"
+                        r"above|below|within|minus|negative|plus|point|half|quarter|thirds?|dozens?|hundreds?|"
+                        r"thousands?|millions?|billions?|trillions?|squared|cubed|wrong|incorrect|\w+n't)\b",
+                        re.IGNORECASE)
+
+
+def _sentence_number(s):
+    """The number of an answer stated as a sentence of words with exactly one number in it ("Jane started growing
+    Sphere 3 hours ago"), else None: not when a word qualifies or scales it ("not 3", "at least 3", "3 million")."""
+    word = r"[A-Za-z']+"
+    m = re.fullmatch(rf"((?:{word} )*)(-?\d+(?:\.\d+)?)((?: {word})*)", s)  # commas made it a list already
+    if not m or len(re.findall(word, m[1] + m[3])) < 2 or _QUALIFIER.search(s):
+        return None
+    return _to_number(m[2])
 
 
 def _strip_label(p, r):
@@ -979,6 +1005,8 @@ def _strip_label(p, r):
         return sp[-1], r
     if len(sr) == 2 and _is_label(sr[0]):
         return p, sr[1]
+    if len(sr) > 2 and _to_number(sr[-1]) is not None:  # a chain "x = 2 + 2 = 4" ends in its value
+        return p, sr[-1]
     return p, r
 
 
