@@ -321,3 +321,26 @@ def test_batch_of_32_is_fast():
     verdicts = [grade(response, reference) for response, reference in batch]
     assert time.perf_counter() - start < 2.0
     assert verdicts == [i % 2 == 0 for i in range(32)]
+
+
+COLD_START = """
+import sys, time
+import common
+common._WARM_UP.join(60)
+loaded = "math_verify" in sys.modules, "sympy.concrete.summations" in sys.modules  # before the first call
+start = time.perf_counter()
+verdict = common.grade(sys.argv[1], sys.argv[2])
+print(verdict, time.perf_counter() - start, *loaded)
+"""
+
+
+def test_first_call_in_a_fresh_process_is_warm():
+    """Importing common starts a background warm-up (math-verify, sympy, a first sum): the first grade call that needs
+    math-verify, made once it has ended, pays none of those one-time costs (1-1.6 s without it)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", COLD_START, "\\boxed{\\sum_{k=0}^{m} 2k}", "m(m+1)"],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True).stdout
+    verdict, seconds, imported, summation = out.split()
+    assert (verdict, imported, summation) == ("True", "True", "True")
+    assert float(seconds) < 1.0
