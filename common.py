@@ -853,7 +853,7 @@ def _math_verify(pred, ref):
     tower = r"\^\s*\{[^{}]*\^|\^\s*[\w.]+\s*\^|\^\s*\{?\s*\d{4,}|\d{4,}\s*!|\\binom\s*\{\s*\d{4,}"
     if any(re.search(tower, x) or depth(x) > 6 for x in (pred, ref)):
         return False  # towers of powers, 10^{10000}, 5000!, deep nests: sympy could run for minutes
-    malformed = r"(?:[+\-*/^=,?]|\\cdot|\\times|\\div)\s*$|^\s*[=*/^,]|\d\s+\d|\d\.\d+\.\d"
+    malformed = r"(?:[+\-*/^=,?]|\\cdot|\\times|\\div)\s*$|^\s*[=*/^,]|(?<!_)\d\s+\d|\d\.\d+\.\d"  # not \log_2 8
     for x in (pred, ref):  # math-verify reads "2 +", "7x-", "12)", "5 5" as 2, 7, 12, 10: a fragment is no answer
         if re.search(malformed, x) or x.count("(") + x.count("[") != x.count(")") + x.count("]") or not _balanced(
                 re.sub(r"[()\[\]]", "", x)):

@@ -161,6 +161,11 @@ OWN_CASES = [
     ("Final Answer: Jane ran 1250.5 meters in all.", "1250.5", True),
     ("Final Answer: June 3", "June 3", True),
     ("So Jane started growing Sphere 3 hours ago.", "3", False),  # no final-answer marker: no credit
+    # a subscript digit then a digit is no "5 5" fragment
+    ("\\boxed{\\log_2 8}", "3", True),
+    ("\\boxed{\\log_2 8}", "4", False),
+    ("\\boxed{2 8}", "16", False),
+    ("\\boxed{x_1 2}", "2", False),
 ]
 
 
@@ -279,6 +284,7 @@ PATHOLOGICAL = {
     "huge_integer": ("\\boxed{" + "9" * 6000 + "}", "9" * 5999 + "8"),
     "unterminated_boxes": ("\\boxed{" * 5000, "5"),
     "long_response": ("word " * 200_000 + "\\boxed{5}", "5"),
+    "infinite_sum": ("\\boxed{\\sum_{n=1}^{\\infty} \\frac{\\sin n}{n^3}}", "1"),  # 15 s if sympy evaluated it
     "many_unions": ("\\boxed{" + "\\cup".join(["(0,1)"] * 2000) + "}", "(0,1)"),
     "not_a_string": (None, "5"),
     "numeric_reference": ("\\boxed{5}", 5.0),
