@@ -980,7 +980,9 @@ def _equivalent(pred, ref, depth=0):
 _QUALIFIER = re.compile(r"\b(?:not|no|never|none|nor|or|than|least|most|about|approx\w*|around|roughly|nearly|almost|"
                         r"between|either|neither|maybe|probably|perhaps|possibly|likely|unless|except|if|up|over|under|"
                         r"above|below|within|minus|negative|plus|point|half|quarter|thirds?|dozens?|hundreds?|"
-                        r"thousands?|millions?|billions?|trillions?|squared|cubed|wrong|incorrect|\w+n't)\b",
+                        r"thousands?|millions?|billions?|trillions?|squared|cubed|wrong|incorrect|false|cannot|\w+n't|"
+                        r"impossible|undefined|unknown|unsure|guess|think|believe|might|could|seems?|steps?|lines?|"
+                        r"equations?|eq|parts?|cases?|figures?|pages?|problems?|questions?|options?|choices?)\b",
                         re.IGNORECASE)
 
 

@@ -159,6 +159,9 @@ OWN_CASES = [
     ("Final Answer: Jane earned 3 million dollars.", "3", False),
     ("Final Answer: Jane has 3 and a half apples.", "3", False),
     ("Final Answer: Jane ran 1250.5 meters in all.", "1250.5", True),
+    ("Final Answer: I think it might be 3", "3", False),
+    ("Final Answer: see step 3 above", "3", False),
+    ("Final Answer: Jane cannot have started 3 hours ago", "3", False),
     ("Final Answer: June 3", "June 3", True),
     ("So Jane started growing Sphere 3 hours ago.", "3", False),  # no final-answer marker: no credit
     # a subscript digit then a digit is no "5 5" fragment
