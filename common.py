@@ -734,6 +734,7 @@ def compute_rewards(reward_fn, prompts, completions, records):
 # that math-verify would read as numbers ("2 +", "12)").
 import logging
 import re
+import threading
 from fractions import Fraction
 from itertools import accumulate
 
@@ -827,8 +828,14 @@ def _reference_answer(reference):
     if "\\\\boxed" in ref:  # a double-escaped source string
         ref = re.sub(r"\\\\(?=[A-Za-z])", r"\\", ref)
     if re.search(r"\\(?:boxed|fbox)\b", ref) or _MARKER.search(ref):
-        if (unterminated := re.fullmatch(r"\s*\\boxed\s*\{([^{}]*)", ref)):
-            return unterminated.group(1)
+        spans = _boxed_spans(ref)
+        if not spans and (unterminated := re.fullmatch(r"\s*\$?\\boxed\s*\{(.*?)\$?\s*", ref, re.DOTALL)) \
+                and _balanced(re.sub(r"[^{}]", "", unterminated.group(1))):
+            return unterminated.group(1)  # "\boxed{W(n) = 1 \text{ and } W(n) = -1": only its last brace lost
+        junk = r"[^\w\\]*"  # no words, digits or commands: "\boxed{35 cm} ++++++ \boxed{4}" lists two answers
+        if len(spans) > 1 and all(re.fullmatch(junk, ref[a[1]:b[0]]) for a, b in zip(spans, spans[1:])) and \
+                re.fullmatch(junk, ref[:spans[0][0]] + ref[spans[-1][1]:]):
+            return ", ".join(dict.fromkeys(content.strip() for _, _, content in spans))
         return extract_answer(ref) or ref
     return ref
 
@@ -942,7 +949,8 @@ def _items(s):
     groups = _split_top(s, ";")
     if len(groups) > 1 and any(len(_split_top(g)) > 1 for g in groups) and all("=" in g for g in groups):
         s = ", ".join("(" + ", ".join(v.split("=")[-1].strip() for v in _split_top(g)) + ")" for g in groups)
-    parts = _split_top(re.sub(r"\s*(?:,|;)?\s*\b(?:and|or)\b\s*", ",", s.replace(";", ",")))
+    joiner = r"\s*(?:,|;)?\s*\b(?:and|or)\b\s*|(?<=[\d)\]}])(?:and|or)(?=[A-Za-z(\[{\\-]|\d)"  # also glued: 1orW(x)
+    parts = _split_top(re.sub(joiner, ",", s.replace(";", ",")))
     items = []
     for part in parts:
         sides = _split_top(part, "=")  # not the = of \sum_{k=0}
@@ -1004,14 +1012,15 @@ def _math_verify(pred, ref):
     tower = r"\^\s*\{[^{}]*\^|\^\s*[\w.]+\s*\^|\^\s*\{?\s*\d{4,}|\d{4,}\s*!|\\binom\s*\{\s*\d{4,}"
     if any(re.search(tower, x) or depth(x) > 6 for x in (pred, ref)):
         return False  # towers of powers, 10^{10000}, 5000!, deep nests: sympy could run for minutes
-    malformed = r"(?:[+\-*/^=,?]|\\cdot|\\times|\\div)\s*$|^\s*[=*/^,]|\d\s+\d|\d\.\d+\.\d"
+    malformed = r"(?:[+\-*/^=,?]|\\cdot|\\times|\\div)\s*$|^\s*[=*/^,]|(?<!_)\d\s+\d|\d\.\d+\.\d"  # not \log_2 8
     for x in (pred, ref):  # math-verify reads "2 +", "7x-", "12)", "5 5" as 2, 7, 12, 10: a fragment is no answer
         if re.search(malformed, x) or x.count("(") + x.count("[") != x.count(")") + x.count("]") or not _balanced(
                 re.sub(r"[()\[\]]", "", x)):
             return False
+    if threading.current_thread() is not _WARM_UP:
+        _WARM_UP.join()  # at most the rest of the warm-up (below): math-verify is not run from two threads at once
     from math_verify import parse, verify
     from sympy import Basic, MatrixBase
-    logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns that we disabled its signal timeouts
     gold = parse(f"${ref}$", parsing_timeout=None)
     target = parse(f"${pred}$", parsing_timeout=None)
     if not (gold and target):
@@ -1116,6 +1125,8 @@ def _equivalent(pred, ref, depth=0):
         if a != b and (long_decimal(p, b) or long_decimal(r, a)):  # 0.0833333333333333 for 1/12
             return abs(a - b) <= Fraction(1, 10**12) * abs(b)
         return a == b  # exact: 44851 != 44850, 1/2^98 != 1/2^99
+    if a is None and b is not None and (stated := _sentence_number(p)) is not None:
+        return stated == b  # "Final Answer: Jane started growing Sphere 3 hours ago." vs 3
     if (a is None) != (b is None) and re.fullmatch(r"[A-Za-z() ]+", p + r if a is None else r):
         return False
     if re.fullmatch(r"[A-Za-z() ]+", p) and re.fullmatch(r"[A-Za-z() ]+", r):
@@ -1123,6 +1134,25 @@ def _equivalent(pred, ref, depth=0):
     if (len(_split_top(p, "=")) > 1) != (len(_split_top(r, "=")) > 1):  # an equation is not a value
         return False  # math-verify would compare "y=2x" with "2x"
     return _math_verify(p, r)
+
+
+_QUALIFIER = re.compile(r"\b(?:not|no|never|none|nor|or|than|least|most|about|approx\w*|around|roughly|nearly|almost|"
+                        r"between|either|neither|maybe|probably|perhaps|possibly|likely|unless|except|if|up|over|under|"
+                        r"above|below|within|minus|negative|plus|point|half|quarter|thirds?|dozens?|hundreds?|"
+                        r"thousands?|millions?|billions?|trillions?|squared|cubed|wrong|incorrect|false|cannot|\w+n't|"
+                        r"impossible|undefined|unknown|unsure|guess|think|believe|might|could|seems?|steps?|lines?|"
+                        r"equations?|eq|parts?|cases?|figures?|pages?|problems?|questions?|options?|choices?)\b",
+                        re.IGNORECASE)
+
+
+def _sentence_number(s):
+    """The number of an answer stated as a sentence of words with exactly one number in it ("Jane started growing
+    Sphere 3 hours ago"), else None: not when a word qualifies or scales it ("not 3", "at least 3", "3 million")."""
+    word = r"[A-Za-z']+"
+    m = re.fullmatch(rf"((?:{word} )*)(-?\d+(?:\.\d+)?)((?: {word})*)", s)  # commas made it a list already
+    if not m or len(re.findall(word, m[1] + m[3])) < 2 or _QUALIFIER.search(s):
+        return None
+    return _to_number(m[2])
 
 
 def _strip_label(p, r):
@@ -1138,7 +1168,25 @@ def _strip_label(p, r):
         return sp[-1], r
     if len(sr) == 2 and _is_label(sr[0]):
         return p, sr[1]
+    if len(sr) > 2 and _to_number(sr[-1]) is not None:  # a chain "x = 2 + 2 = 4" ends in its value
+        return p, sr[-1]
     return p, r
+
+
+def _warm_up():
+    """The one-time costs of the first call that reaches math-verify, paid in a background thread at import: importing
+    math-verify and sympy (about 0.6 s here), its parser's first use, sympy's lazily imported summation code (first
+    `\\sum`, about 0.3 s more). Without it the first such grade call takes 1-1.6 s."""
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns that we disabled its signal timeouts
+    try:
+        _math_verify("x^2 + 1", "1 + x^2")
+        _math_verify("\\sum_{k=1}^{n} k", "\\frac{n(n+1)}{2}")
+    except Exception:  # a broken install shows up in grade, not in a background thread
+        pass
+
+
+_WARM_UP = threading.Thread(target=_warm_up, name="grade-warm-up", daemon=True)
+_WARM_UP.start()
 
 
 def grade(response: str, reference: str) -> bool:

@@ -1,13 +1,14 @@
 """Accuracy of common.grade and of plain math-verify on the labelled grading sets, per kind.
 
-    python bench/grading_eval.py [FILE.jsonl ...] [--errors]
+    python bench/grading_eval.py [FILE.jsonl ...] [--errors] [--no-cold]
 
 Default files: tests/data/grading_*.jsonl and ../shared/grading/dev_cases.jsonl (when present). Each line:
 {"response", "reference", "equivalent", "category", "source"[, "marker"]}. Cases with "marker": false (no final-answer
 marker in the response) are counted apart: `grade` gives them no credit by convention, so they are scored against
 "not credited" for grade; the per-kind tables cover the marked cases, where both graders are scored against the label.
 Plain math-verify is `verify(parse(gold), parse(response))` with its default configuration (gold wrapped in $...$
-when it has no math delimiters). FP: credited though not equivalent; FN: not credited though equivalent.
+when it has no math delimiters). FP: credited though not equivalent; FN: not credited though equivalent. Last,
+unless --no-cold: the first grade call in a fresh process (cold_start).
 """
 import json
 import logging
@@ -85,11 +86,39 @@ def evaluate(path, show_errors=False):
     return below
 
 
+COLD = """
+import sys, time
+start = time.perf_counter()
+import common
+imported = time.perf_counter()
+if sys.argv[1] == "after":
+    common._WARM_UP.join()
+warm = time.perf_counter()
+common.grade(sys.argv[2], sys.argv[3])
+print(imported - start, warm - imported, time.perf_counter() - warm)
+"""
+
+
+def cold_start():
+    """The first grade call in fresh processes, one that reaches math-verify (a sum, sympy's slowest first use): right
+    after `import common` (it waits for the rest of the background warm-up) and once the warm-up is done."""
+    import subprocess
+    response, reference = WARM_UP[1]
+    for when in ("at-import", "after"):
+        out = subprocess.run([sys.executable, "-c", COLD, when, response, reference], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.split()
+        imported, warm, call = (float(x) for x in out)
+        waited = f", warm-up ended {warm:.2f} s later" if when == "after" else ""
+        print(f"cold start, first call {when}: import common {imported:.2f} s{waited}, first call {call * 1000:.0f} ms")
+
+
 def main(argv):
     logging.disable(logging.WARNING)
     files = [a for a in argv if not a.startswith("--")] or DEFAULT
     below = {f: evaluate(f, "--errors" in argv) for f in files}
     print("\nkinds where grade < math-verify:", {Path(f).name: b for f, b in below.items() if b} or "none")
+    if "--no-cold" not in argv:
+        cold_start()
 
 
 if __name__ == "__main__":

@@ -124,6 +124,51 @@ OWN_CASES = [
     ("\\boxed{0.0833}", "\\frac{1}{12}", False),
     # text choices
     ("\\boxed{\\text{(C)}}", "C", True),
+    # a reference chain of equalities ends in its value; a 2-sided equation is not its right side
+    ("\\boxed{0}", "$1 = \\zzz = x = 0$", True),
+    ("\\boxed{1}", "$1 = \\zzz = x = 0$", False),
+    ("\\boxed{4}", "x = 2 + 2 = 4", True),
+    ("\\boxed{5}", "x = 2 + 2 = 4", False),
+    ("\\boxed{2 + 2}", "x = 2 + 2 = 4", True),
+    ("\\boxed{0}", "x^2 - 4 = 0", False),
+    # "and"/"or" glued to their neighbours still join items (an "or" list is no hedge credit for one item)
+    ("\\boxed{W(x)=1orW(x)=-1}", "W(n) = 1 \\text{ and } W(n) = -1", True),
+    ("\\boxed{W(x)=1orW(x)=2}", "W(n) = 1 \\text{ and } W(n) = -1", False),
+    ("\\boxed{3or4}", "3, 4", True),
+    ("\\boxed{3or4}", "3", False),
+    ("\\boxed{(1,2)and(3,4)}", "(3,4), (1,2)", True),
+    ("\\boxed{(1,2)and(3,4)}", "(1,2)", False),
+    # a reference whose closing brace was lost: the box's content, nested braces included
+    ("\\boxed{W(x)=1orW(x)=-1}", "\\\\boxed{W(n) = 1 \\\\text{ and } W(n) = -1", True),
+    ("\\boxed{W(x)=1}", "\\\\boxed{W(n) = 1 \\\\text{ and } W(n) = -1", False),
+    ("\\boxed{1 + \\frac{1}{2}}", "\\boxed{1 + \\frac{1}{2}", True),
+    ("\\boxed{1 + \\frac{1}{3}}", "\\boxed{1 + \\frac{1}{2}", False),
+    # a reference of boxes separated by symbols only lists them all; with words between, the last box is the answer
+    ("\\boxed{{35 cm,4}}", "$\\boxed{35 cm} ++++++ \\boxed{4}$", True),
+    ("\\boxed{4}", "$\\boxed{35 cm} ++++++ \\boxed{4}$", False),
+    ("\\boxed{35, 5}", "$\\boxed{35 cm} ++++++ \\boxed{4}$", False),
+    ("\\boxed{4}", "We get \\boxed{3} first, then the answer \\boxed{4}.", True),
+    ("\\boxed{3, 4}", "We get \\boxed{3} first, then the answer \\boxed{4}.", False),
+    # a final answer stated as a sentence with one number, nothing qualifying or scaling it
+    ("Final Answer: Jane started growing Sphere 3 hours ago. I hope it is correct.", "3", True),
+    ("Final Answer: Jane started growing Sphere 4 hours ago. I hope it is correct.", "3", False),
+    ("Final Answer: Jane did not start growing Sphere 3 hours ago.", "3", False),
+    ("Final Answer: Jane wasn't growing Sphere 3 hours ago.", "3", False),
+    ("Final Answer: Jane started growing Sphere at least 3 hours ago.", "3", False),
+    ("Final Answer: Sphere started 3 hours ago and Rod 8 hours ago.", "3", False),
+    ("Final Answer: Jane earned 3 million dollars.", "3", False),
+    ("Final Answer: Jane has 3 and a half apples.", "3", False),
+    ("Final Answer: Jane ran 1250.5 meters in all.", "1250.5", True),
+    ("Final Answer: I think it might be 3", "3", False),
+    ("Final Answer: see step 3 above", "3", False),
+    ("Final Answer: Jane cannot have started 3 hours ago", "3", False),
+    ("Final Answer: June 3", "June 3", True),
+    ("So Jane started growing Sphere 3 hours ago.", "3", False),  # no final-answer marker: no credit
+    # a subscript digit then a digit is no "5 5" fragment
+    ("\\boxed{\\log_2 8}", "3", True),
+    ("\\boxed{\\log_2 8}", "4", False),
+    ("\\boxed{2 8}", "16", False),
+    ("\\boxed{x_1 2}", "2", False),
 ]
 
 
@@ -184,8 +229,7 @@ DATA = Path(__file__).resolve().parent / "data"
 DATA_TARGETS = {"grading_mathverify.jsonl": 0.95, "grading_constructed.jsonl": 0.99, "grading_own.jsonl": 1.0}
 # kinds where grade is still below plain math-verify, with how many cases it may trail by (docs/grading.md, known
 # limitations); any other kind must be at least as good as math-verify
-KNOWN_BELOW = {("grading_mathverify.jsonl", "equation_label"): 2, ("grading_mathverify.jsonl", "long_response"): 1,
-               ("grading_mathverify.jsonl", "units"): 1}
+KNOWN_BELOW = {}
 
 
 def _data(name):
@@ -243,6 +287,7 @@ PATHOLOGICAL = {
     "huge_integer": ("\\boxed{" + "9" * 6000 + "}", "9" * 5999 + "8"),
     "unterminated_boxes": ("\\boxed{" * 5000, "5"),
     "long_response": ("word " * 200_000 + "\\boxed{5}", "5"),
+    "infinite_sum": ("\\boxed{\\sum_{n=1}^{\\infty} \\frac{\\sin n}{n^3}}", "1"),  # 15 s if sympy evaluated it
     "many_unions": ("\\boxed{" + "\\cup".join(["(0,1)"] * 2000) + "}", "(0,1)"),
     "not_a_string": (None, "5"),
     "numeric_reference": ("\\boxed{5}", 5.0),
@@ -285,3 +330,26 @@ def test_batch_of_32_is_fast():
     verdicts = [grade(response, reference) for response, reference in batch]
     assert time.perf_counter() - start < 2.0
     assert verdicts == [i % 2 == 0 for i in range(32)]
+
+
+COLD_START = """
+import sys, time
+import common
+common._WARM_UP.join(60)
+loaded = "math_verify" in sys.modules, "sympy.concrete.summations" in sys.modules  # before the first call
+start = time.perf_counter()
+verdict = common.grade(sys.argv[1], sys.argv[2])
+print(verdict, time.perf_counter() - start, *loaded)
+"""
+
+
+def test_first_call_in_a_fresh_process_is_warm():
+    """Importing common starts a background warm-up (math-verify, sympy, a first sum): the first grade call that needs
+    math-verify, made once it has ended, pays none of those one-time costs (1-1.6 s without it)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", COLD_START, "\\boxed{\\sum_{k=0}^{m} 2k}", "m(m+1)"],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True).stdout
+    verdict, seconds, imported, summation = out.split()
+    assert (verdict, imported, summation) == ("True", "True", "True")
+    assert float(seconds) < 1.0
