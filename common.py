@@ -686,8 +686,9 @@ def math_reward(prompts, completions, records):
 
 
 def load_reward_fn(spec):
-    """'path/to/file.py:function' -> the function, or math grading when spec is None."""
+    """'path/to/file.py:function' -> the function, or math grading when spec is None (its warm-up starts now)."""
     if spec is None:
+        warm_up_grader()
         return math_reward
     path, _, name = spec.rpartition(":")
     if not path or not Path(path).is_file() or not name:
@@ -734,7 +735,6 @@ def compute_rewards(reward_fn, prompts, completions, records):
 # that math-verify would read as numbers ("2 +", "12)").
 import logging
 import re
-import threading
 from fractions import Fraction
 from itertools import accumulate
 
@@ -1017,8 +1017,6 @@ def _math_verify(pred, ref):
         if re.search(malformed, x) or x.count("(") + x.count("[") != x.count(")") + x.count("]") or not _balanced(
                 re.sub(r"[()\[\]]", "", x)):
             return False
-    if threading.current_thread() is not _WARM_UP:
-        _WARM_UP.join()  # at most the rest of the warm-up (below): math-verify is not run from two threads at once
     from math_verify import parse, verify
     from sympy import Basic, MatrixBase
     gold = parse(f"${ref}$", parsing_timeout=None)
@@ -1174,7 +1172,8 @@ def _strip_label(p, r):
 
 
 def _warm_up():
-    """The one-time costs of the first call that reaches math-verify, paid in a background thread at import: importing
+    """The one-time costs of the first call that reaches math-verify, paid by warm_up_grader (load_reward_fn calls
+    it while a script sets up, long before its first grade; not at import, which must stay cheap): importing
     math-verify and sympy (about 0.6 s here), its parser's first use, sympy's lazily imported summation code (first
     `\\sum`, about 0.3 s more). Without it the first such grade call takes 1-1.6 s."""
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns that we disabled its signal timeouts
@@ -1185,8 +1184,14 @@ def _warm_up():
         pass
 
 
-_WARM_UP = threading.Thread(target=_warm_up, name="grade-warm-up", daemon=True)
-_WARM_UP.start()
+_WARMED_UP = []
+
+
+def warm_up_grader():
+    """Pay the grader's one-time costs now (once per process, ~1.3 s), so that no grade call pays them later."""
+    if not _WARMED_UP:
+        _warm_up()
+        _WARMED_UP.append(True)
 
 
 def grade(response: str, reference: str) -> bool:

@@ -335,7 +335,7 @@ def test_batch_of_32_is_fast():
 COLD_START = """
 import sys, time
 import common
-common._WARM_UP.join(60)
+common.warm_up_grader()  # as every script's load_reward_fn does at setup
 loaded = "math_verify" in sys.modules, "sympy.concrete.summations" in sys.modules  # before the first call
 start = time.perf_counter()
 verdict = common.grade(sys.argv[1], sys.argv[2])
@@ -344,7 +344,7 @@ print(verdict, time.perf_counter() - start, *loaded)
 
 
 def test_first_call_in_a_fresh_process_is_warm():
-    """Importing common starts a background warm-up (math-verify, sympy, a first sum): the first grade call that needs
+    """The scripts warm the grader up at setup (math-verify, sympy, a first sum): the first grade call that needs
     math-verify, made once it has ended, pays none of those one-time costs (1-1.6 s without it)."""
     import subprocess
     import sys
