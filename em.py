@@ -47,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "pure-bfloat16"],
                    help="auto/bfloat16: fp32 master weights + bf16 autocast; pure-bfloat16: bf16 weights (warns)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute decoder layers in the backward")
+    common.add_scale_args(p)  # --gradient-checkpointing, --lora-rank/-alpha/-dropout/-target-modules, --merge-lora
     which = p.add_mutually_exclusive_group()
     which.add_argument("--select-from", type=int, default=16, help="N: select among the first N training rows")
     which.add_argument("--prompt-index", type=int, default=None, help="train on row i (--num-prompts N: i..i+N-1)")
@@ -81,8 +81,8 @@ def parse_args(argv=None):
     common.check_args(p, args, at_least_one=("steps", "prompts_per_step", "num_generations", "max_new_tokens",
                       "eval_size", "eval_batch_size", "micro_batch_prompts", "select_from", "select_samples",
                       "num_prompts", "diag_size"), positive=("lr", "temperature", "top_p", "repetition_penalty",
-                      "entropy_temperature", "max_grad_norm"), non_negative=("fewshot", "prompt_index",
-                      "warmup_steps", "weight_decay", "eval_every"))
+                      "entropy_temperature", "max_grad_norm", "lora_alpha"), non_negative=("fewshot", "prompt_index",
+                      "warmup_steps", "weight_decay", "eval_every", "lora_rank", "lora_dropout"))
     if args.top_p > 1:
         p.error(f"--top-p must be in (0, 1] (got {args.top_p})")
     if args.prompt_index is None and args.select_from < args.num_prompts:
@@ -115,8 +115,7 @@ def generate(model, prompt_ids, prompt_mask, num_samples, max_new_tokens, temper
     B, V, device = P * G, logits.shape[-1], prompt_ids.device
     tokens = torch.full((B, max_new_tokens), eos_ids[0], dtype=torch.long, device=device)
     lens = torch.zeros(B, dtype=torch.long, device=device)
-    alive = torch.arange(B, device=device)  # rows of the batch still decoding
-    eos = torch.tensor(eos_ids, device=device)
+    alive, eos = torch.arange(B, device=device), torch.tensor(eos_ids, device=device)  # rows still decoding; stop ids
     seen = None  # (b, V) tokens already in the prompt (padding excluded) or the completion, for the penalty
     if repetition_penalty != 1.0:
         seen = torch.zeros_like(logits).scatter_add_(1, prompt_ids.repeat_interleave(G, 0), attn.float()) > 0
@@ -139,8 +138,7 @@ def generate(model, prompt_ids, prompt_mask, num_samples, max_new_tokens, temper
             tok = (candidates.gather(1, tok) if candidates is not None else tok).squeeze(1)
         else:
             tok = logits.argmax(-1)
-        tokens[alive, t] = tok
-        lens[alive] += 1
+        tokens[alive, t], lens[alive] = tok, lens[alive] + 1
         keep = ~torch.isin(tok, eos)
         if t == max_new_tokens - 1 or not keep.any():
             break
@@ -154,8 +152,7 @@ def generate(model, prompt_ids, prompt_mask, num_samples, max_new_tokens, temper
         attn = torch.cat([attn, attn.new_ones(len(alive), 1)], 1)
         out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None], cache=cache,
                     use_cache=True)
-        next_pos = next_pos + 1
-        logits = out.logits[:, -1].float()
+        next_pos, logits = next_pos + 1, out.logits[:, -1].float()
     T = max(int(lens.max()), 1)
     return tokens[:, :T], lens  # trim pad columns
 
@@ -229,10 +226,9 @@ def log_step(metrics_file, record, fields=()):
     """Append a record to metrics.jsonl; with fields [(key, label, format)], print them as one compact line."""
     metrics_file.write(json.dumps(record) + "\n")
     metrics_file.flush()
-    if not fields:
-        return
     show = lambda key, fmt: "-" if record.get(key) is None else format(record[key], fmt)
-    tqdm.write(" | ".join([f"step {record['step']:4d}"] + [f"{label} {show(key, fmt)}" for key, label, fmt in fields]))
+    if fields:  # the console line
+        tqdm.write(" | ".join([f"step {record['step']:4d}"] + [f"{lbl} {show(key, fmt)}" for key, lbl, fmt in fields]))
 
 
 def stop_if_not_finite(value, what, step, run_dir):
@@ -357,8 +353,7 @@ def evaluate(model, tokenizer, prompts, records, temperatures, args, eos_ids, au
 
 def main(argv=None):
     args = parse_args(argv)  # ---- setup: arguments, precision, data, model, optimizer, the training prompt(s) -------
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    common.seed_all(args.seed)
     device = common.resolve_device(args.device)
     weight_dtype, autocast_dtype = common.resolve_dtype(args.dtype, device)
     autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
@@ -368,7 +363,7 @@ def main(argv=None):
     prompt_of = lambda rec: common.build_prompt(tokenizer, rec["question"], fewshot, args.system_prompt)
     test_prompts = [prompt_of(r) for r in test]
     sweep, quick = sorted(set(args.eval_temperatures) | {0.0, args.temperature}), sorted({0.0, args.temperature})
-    model = common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing)
+    model = common.add_lora(common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing), args)
     model.eval()  # no dropout: the sampled responses come from the same function the loss differentiates
     eos_ids = common.stop_token_ids(tokenizer, model)
     common.check_context_length(model, 0, args.max_new_tokens)
@@ -377,7 +372,7 @@ def main(argv=None):
     generator = torch.Generator(device).manual_seed(args.seed)
     data_rng, order = random.Random(args.seed), []
     pool = select_prompts(model, tokenizer, train, prompt_of, args, eos_ids, autocast, generator, run_dir)
-    metrics_file, G = open(run_dir / "metrics.jsonl", "w"), args.num_generations
+    metrics_file, G = common.open_log(run_dir / "metrics.jsonl"), args.num_generations
     print(f"{ALGO}: {len(pool)} training prompt(s), {len(test)} eval problems, {len(fewshot)}-shot, model {args.model} "
           f"on {device} (weights {weight_dtype}, autocast {autocast_dtype}), output {run_dir}")
     before = evaluate(model, tokenizer, test_prompts, test, sweep, args, eos_ids, autocast, 0, run_dir, metrics_file)
@@ -433,7 +428,7 @@ def main(argv=None):
 
     after = evaluate(model, tokenizer, test_prompts, test, sweep, args, eos_ids, autocast, args.steps, run_dir,
                      metrics_file)
-    common.save_model(model, tokenizer, run_dir, args)
+    common.save_model(model, tokenizer, run_dir, args, final=True)  # --merge-lora: the merged model
     metrics_file.close()
     print(f"held-out greedy accuracy {before['eval/accuracy']:.1%} -> {after['eval/accuracy']:.1%}, sampled (T="
           f"{args.temperature:g}) {before['eval/sampled_accuracy']:.1%} -> {after['eval/sampled_accuracy']:.1%}")

@@ -21,7 +21,6 @@ initial). The pairs are cut into --num-minibatches optimizer updates; then the n
         --max-new-tokens 1024 --lr 1e-6 --prompts-per-step 16 --gradient-checkpointing   # one GPU, network
 """
 import argparse
-import copy
 import json
 import math
 import random
@@ -52,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "pure-bfloat16"],
                    help="auto/bfloat16: fp32 master weights + bf16 autocast; pure-bfloat16: bf16 weights (warns)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute decoder layers in the backward")
+    common.add_scale_args(p)  # --gradient-checkpointing, --lora-rank/-alpha/-dropout/-target-modules, --merge-lora
     # sampling (one step = one iteration: a generation batch, its pairs, --num-minibatches DPO updates)
     p.add_argument("--steps", type=int, default=40, help="iterations: generation batches, each followed by its updates")
     p.add_argument("--prompts-per-step", type=int, default=4, help="prompts per generation batch")
@@ -108,8 +107,7 @@ def generate(model, prompt_ids, prompt_mask, num_samples, max_new_tokens, temper
     B, V, device = P * G, logits.shape[-1], prompt_ids.device
     tokens = torch.full((B, max_new_tokens), eos_ids[0], dtype=torch.long, device=device)
     lens = torch.zeros(B, dtype=torch.long, device=device)
-    alive = torch.arange(B, device=device)  # rows of the batch still decoding
-    eos = torch.tensor(eos_ids, device=device)
+    alive, eos = torch.arange(B, device=device), torch.tensor(eos_ids, device=device)  # rows still decoding; stop ids
     seen = None  # (b, V) tokens already in the prompt (padding excluded) or the completion, for the penalty
     if repetition_penalty != 1.0:
         seen = torch.zeros_like(logits).scatter_add_(1, prompt_ids.repeat_interleave(G, 0), attn.float()) > 0
@@ -132,8 +130,7 @@ def generate(model, prompt_ids, prompt_mask, num_samples, max_new_tokens, temper
             tok = (candidates.gather(1, tok) if candidates is not None else tok).squeeze(1)
         else:
             tok = logits.argmax(-1)
-        tokens[alive, t] = tok
-        lens[alive] += 1
+        tokens[alive, t], lens[alive] = tok, lens[alive] + 1
         keep = ~torch.isin(tok, eos)
         if t == max_new_tokens - 1 or not keep.any():
             break
@@ -147,8 +144,7 @@ def generate(model, prompt_ids, prompt_mask, num_samples, max_new_tokens, temper
         attn = torch.cat([attn, attn.new_ones(len(alive), 1)], 1)
         out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None], cache=cache,
                     use_cache=True)
-        next_pos = next_pos + 1
-        logits = out.logits[:, -1].float()
+        next_pos, logits = next_pos + 1, out.logits[:, -1].float()
     T = max(int(lens.max()), 1)
     return tokens[:, :T], lens  # trim pad columns
 
@@ -233,10 +229,9 @@ def log_step(metrics_file, record, fields=()):
     """Append a record to metrics.jsonl; with fields [(key, label, format)], print them as one compact line."""
     metrics_file.write(json.dumps(record) + "\n")
     metrics_file.flush()
-    if not fields:
-        return
     show = lambda key, fmt: "-" if record.get(key) is None else format(record[key], fmt)
-    tqdm.write(" | ".join([f"step {record['step']:4d}"] + [f"{label} {show(key, fmt)}" for key, label, fmt in fields]))
+    if fields:  # the console line
+        tqdm.write(" | ".join([f"step {record['step']:4d}"] + [f"{lbl} {show(key, fmt)}" for key, lbl, fmt in fields]))
 
 
 def stop_if_not_finite(value, what, step, run_dir):
@@ -313,8 +308,7 @@ def evaluate(model, tokenizer, prompts, records, args, eos_ids, autocast, step, 
 
 def main(argv=None):
     args = parse_args(argv)  # ---- setup: arguments, precision, data, models, optimizer ---------------------------
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    common.seed_all(args.seed)
     device = common.resolve_device(args.device)
     weight_dtype, autocast_dtype = common.resolve_dtype(args.dtype, device)
     autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
@@ -323,17 +317,18 @@ def main(argv=None):
     train, test, fewshot = common.load_problems(args)
     prompt_of = lambda rec: common.build_prompt(tokenizer, rec["question"], fewshot, args.system_prompt)
     test_prompts, reward_fn = [prompt_of(r) for r in test], common.load_reward_fn(args.reward_fn)
-    model = common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing)
+    model = common.add_lora(common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing), args)
     model.eval()  # no dropout: the reference log-probs and the policy's must be the same function of the weights
-    # --reference initial: a frozen copy of the start model; iteration: the policy itself, before the step's updates
-    ref_model = copy.deepcopy(model).requires_grad_(False) if args.reference == "initial" else model
+    # --reference initial: a frozen copy of the start model (LoRA: the policy, its adapter off); iteration: the
+    # policy itself (adapter on), before the step's updates
+    ref_model = common.reference_model(model) if args.reference == "initial" else model
     eos_ids = common.stop_token_ids(tokenizer, model)
     common.check_context_length(model, 0, args.max_new_tokens)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / max(1, args.warmup_steps)))
     generator = torch.Generator(device).manual_seed(args.seed)
     data_rng, order, pair_rng = random.Random(args.seed), [], random.Random(args.seed + 2)
-    metrics_file, G = open(run_dir / "metrics.jsonl", "w"), args.num_generations
+    metrics_file, G = common.open_log(run_dir / "metrics.jsonl"), args.num_generations
     print(f"{ALGO}: {len(train)} train / {len(test)} eval problems, {len(fewshot)}-shot, model {args.model} on "
           f"{device} (weights {weight_dtype}, autocast {autocast_dtype}), output {run_dir}")
     before = evaluate(model, tokenizer, test_prompts, test, args, eos_ids, autocast, 0, run_dir, metrics_file)
@@ -362,7 +357,8 @@ def main(argv=None):
         t_train = time.perf_counter()
         frozen = (prompt_ids, prompt_mask, completion_ids, 1.0, autocast)  # T = 1: DPO's policy is the model itself
         batches = micro_batches(rows, G, args.micro_batch_prompts, lens)
-        ref_seq = sequence_logprobs(frozen_logprobs(ref_model, batches, *frozen)[0], mask)  # (P*G,) summed over tokens
+        with common.adapter_off(ref_model if args.reference == "initial" else None):  # iteration: the adapter on
+            ref_seq = sequence_logprobs(frozen_logprobs(ref_model, batches, *frozen)[0], mask)  # (P*G,) summed
         # ---- 4. optimizer updates: the pairs split into --num-minibatches mini-batches --------------------------
         stats = dict.fromkeys(("loss", "entropy_sum", "tokens", "grad_norm"), 0.0)
         for update_pairs in updates:
@@ -430,7 +426,7 @@ def main(argv=None):
             common.save_model(model, tokenizer, run_dir, args)
 
     after = evaluate(model, tokenizer, test_prompts, test, args, eos_ids, autocast, args.steps, run_dir, metrics_file)
-    common.save_model(model, tokenizer, run_dir, args)
+    common.save_model(model, tokenizer, run_dir, args, final=True)  # --merge-lora: the merged model
     metrics_file.close()
     print(f"held-out greedy accuracy {before['eval/accuracy']:.1%} -> {after['eval/accuracy']:.1%}, sampled "
           f"{before['eval/sampled_accuracy']:.1%} -> {after['eval/sampled_accuracy']:.1%}; metrics in {run_dir}")

@@ -298,8 +298,7 @@ def raft_loss(logprobs, old_logprobs, advantages, mask, loss_type="grpo", eps_lo
 # ----------------------------------------------------------------------------------------------------------
 def evaluate(model, tokenizer, prompts, records, args, eos_ids, autocast, step, run_dir, metrics_file):
     """Held-out greedy and sampled accuracy (one sample at T, the same draws at every eval), logged."""
-    t0, results, shown = time.perf_counter(), {}, {}
-    generator = torch.Generator(model.device).manual_seed(args.seed + 1)
+    t0, results, shown, generator = time.perf_counter(), {}, {}, torch.Generator(model.device).manual_seed(args.seed+1)
     prompts, records, n = common.shard(prompts), common.shard(records), len(prompts)  # this rank's share of n
     for name, temperature in (("accuracy", 0.0), ("sampled_accuracy", args.temperature)):
         samples = []

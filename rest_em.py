@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
@@ -46,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "pure-bfloat16"],
                    help="auto/bfloat16: fp32 master weights + bf16 autocast; pure-bfloat16: bf16 weights (warns)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute decoder layers in the backward")
+    common.add_scale_args(p)  # --gradient-checkpointing, --lora-rank/-alpha/-dropout/-target-modules, --merge-lora
     # ReST-EM: E-step
     p.add_argument("--iterations", type=int, default=None, help="EM iterations (default 3; --resume: the new total)")
     p.add_argument("--prompts-per-step", type=int, default=64, help="training problems, the same set at every E-step")
@@ -85,8 +86,9 @@ def parse_args(argv=None):
     args.iterations = 3 if args.iterations is None else args.iterations
     common.check_args(p, args, at_least_one=("iterations", "prompts_per_step", "num_generations", "max_per_problem",
                       "max_new_tokens", "steps", "batch_size", "micro_batch_size", "eval_size", "eval_samples",
-                      "pass_k", "gen_batch_size"), positive=("temperature", "epochs", "lr", "max_grad_norm"),
-                      non_negative=("fewshot", "top_k", "warmup_steps", "weight_decay", "eval_every"))
+                      "pass_k", "gen_batch_size"), positive=("temperature", "epochs", "lr", "max_grad_norm",
+                      "lora_alpha"), non_negative=("fewshot", "top_k", "warmup_steps", "weight_decay", "eval_every",
+                      "lora_rank", "lora_dropout"))
     if args.pass_k > args.eval_samples:
         p.error(f"--pass-k {args.pass_k} must be <= --eval-samples {args.eval_samples} (unbiased pass@k needs n >= k)")
     return args
@@ -113,8 +115,7 @@ def generate(model, prompt_ids, prompt_mask, num_samples, max_new_tokens, temper
     B, V, device = P * G, logits.shape[-1], prompt_ids.device
     tokens = torch.full((B, max_new_tokens), eos_ids[0], dtype=torch.long, device=device)
     lens = torch.zeros(B, dtype=torch.long, device=device)
-    alive = torch.arange(B, device=device)  # rows of the batch still decoding
-    eos = torch.tensor(eos_ids, device=device)
+    alive, eos = torch.arange(B, device=device), torch.tensor(eos_ids, device=device)  # rows still decoding; stop ids
     seen = None  # (b, V) tokens already in the prompt (padding excluded) or the completion, for the penalty
     if repetition_penalty != 1.0:
         seen = torch.zeros_like(logits).scatter_add_(1, prompt_ids.repeat_interleave(G, 0), attn.float()) > 0
@@ -137,8 +138,7 @@ def generate(model, prompt_ids, prompt_mask, num_samples, max_new_tokens, temper
             tok = (candidates.gather(1, tok) if candidates is not None else tok).squeeze(1)
         else:
             tok = logits.argmax(-1)
-        tokens[alive, t] = tok
-        lens[alive] += 1
+        tokens[alive, t], lens[alive] = tok, lens[alive] + 1
         keep = ~torch.isin(tok, eos)
         if t == max_new_tokens - 1 or not keep.any():
             break
@@ -152,8 +152,7 @@ def generate(model, prompt_ids, prompt_mask, num_samples, max_new_tokens, temper
         attn = torch.cat([attn, attn.new_ones(len(alive), 1)], 1)
         out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None], cache=cache,
                     use_cache=True)
-        next_pos = next_pos + 1
-        logits = out.logits[:, -1].float()
+        next_pos, logits = next_pos + 1, out.logits[:, -1].float()
     T = max(int(lens.max()), 1)
     return tokens[:, :T], lens  # trim pad columns
 
@@ -208,10 +207,9 @@ def log_step(metrics_file, record, fields=()):
     """Append a record to metrics.jsonl; with fields [(key, label, format)], print them as one compact line."""
     metrics_file.write(json.dumps(record) + "\n")
     metrics_file.flush()
-    if not fields:
-        return
     show = lambda key, fmt: "-" if record.get(key) is None else format(record[key], fmt)
-    tqdm.write(" | ".join([f"step {record['step']:4d}"] + [f"{label} {show(key, fmt)}" for key, label, fmt in fields]))
+    if fields:  # the console line
+        tqdm.write(" | ".join([f"step {record['step']:4d}"] + [f"{lbl} {show(key, fmt)}" for key, lbl, fmt in fields]))
 
 
 def stop_if_not_finite(value, what, step, run_dir):
@@ -252,7 +250,7 @@ def m_step_batches(num_kept, batch_size, epochs, steps, rng):
 def m_step(model, base_state, kept, prompts, tokenizer, args, eos_ids, autocast, rng, step, run_dir):
     """theta <- theta_base, then SFT on the kept set D_i [(problem, token ids incl. EOS)]: a fresh AdamW on the
     token-mean NLL of each m_step_batches() batch, in micro-batches. -> the stats of the iteration's record."""
-    model.load_state_dict(base_state)  # ReST-EM: restart from the BASE model (paper §3: limits over-fitting, drift)
+    model.load_state_dict(base_state, strict=not common.is_lora(model))  # restart from the BASE model (paper §3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / max(1, args.warmup_steps)))
     batches = m_step_batches(len(kept), args.batch_size, args.epochs, args.steps, rng)
@@ -354,16 +352,16 @@ def evaluate(model, tokenizer, test_prompts, test, train_prompts, train_recs, ar
 
 def main(argv=None):
     args = parse_args(argv)  # ---- setup: arguments, precision, run directory (or the resumed one), data, models ----
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    common.seed_all(args.seed)
     device = common.resolve_device(args.device)
     weight_dtype, autocast_dtype = common.resolve_dtype(args.dtype, device)
     autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     run_dir, start = Path(args.resume) if args.resume else common.make_run_dir(args, ALGO), 0
     if args.resume:  # state.json (written after each saved iterate): the iterations done; drop any later records
-        if not (run_dir / "state.json").is_file() or not (run_dir / "model" / "config.json").is_file():
-            raise SystemExit(f"error: --resume {run_dir}: no completed iteration to resume from (no state.json/model; "
-                             "was it run with --no-save, or stopped during its first iteration?)")
+        saved = run_dir / "model" / ("adapter_config.json" if args.lora_rank else "config.json")  # LoRA: the adapter
+        if not (run_dir / "state.json").is_file() or not saved.is_file():
+            raise SystemExit(f"error: --resume {run_dir}: no completed iteration to resume from (no state.json/"
+                             f"{saved.name}; was it run with --no-save or --merge-lora, or stopped in iteration 1?)")
         start = json.loads((run_dir / "state.json").read_text())["completed_iterations"]
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
         (run_dir / "metrics.jsonl").write_text("".join(x + "\n" for x in lines if json.loads(x)["step"] <= start))
@@ -376,14 +374,19 @@ def main(argv=None):
     prompts, test_prompts = [prompt_of(r) for r in problems], [prompt_of(r) for r in test]
     reward_fn, N = common.load_reward_fn(args.reward_fn), args.num_generations
     rep_prompts, rep_problems = [x for x in prompts for _ in range(N)], [x for x in problems for _ in range(N)]
-    model = common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing)
+    model = common.add_lora(common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing), args)
     model.eval()  # no dropout
-    base_state = {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict().items()}  # theta_0
-    if start:  # the policy of the next E-step is the last completed iterate
+    # theta_0, restored at every M-step; LoRA: the start adapter alone (B = 0: the base model; the base stays frozen)
+    base_state = {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict().items()
+                  if "lora_" in name or not common.is_lora(model)}
+    if start and common.is_lora(model):  # the policy of the next E-step is the last completed iterate (its adapter)
+        from peft import set_peft_model_state_dict
+        set_peft_model_state_dict(model, load_file(str(run_dir / "model" / "adapter_model.safetensors")))
+    elif start:
         model.load_state_dict(common.load_model(str(run_dir / "model"), torch.device("cpu"), weight_dtype).state_dict())
     eos_ids = common.stop_token_ids(tokenizer, model)
     common.check_context_length(model, 0, args.max_new_tokens)
-    metrics_file = open(run_dir / "metrics.jsonl", "a")
+    metrics_file = common.open_log(run_dir / "metrics.jsonl", "a")
     eval_args = (model, tokenizer, test_prompts, test, prompts[:args.eval_size], problems[:args.eval_size], args,
                  eos_ids, autocast)
     print(f"{ALGO}: {len(problems)} x {N} samples per E-step, {len(test)} eval problems, {device}, output {run_dir}")
@@ -429,8 +432,8 @@ def main(argv=None):
                  ("nll_first", "nll", ".3f"), ("nll_last", "->", ".3f"), ("step_time", "s", ".0f")])
         if (args.eval_every and it % args.eval_every == 0) or it == args.iterations:
             evaluate(*eval_args, it, run_dir, metrics_file)
-        if not args.no_save:  # the iterate is the model of the run and the resume point
-            common.save_model(model, tokenizer, run_dir, args)
+        if not args.no_save:  # the iterate is the model of the run and the resume point (--merge-lora: the last one)
+            common.save_model(model, tokenizer, run_dir, args, final=it == args.iterations)
             (run_dir / "state.tmp").write_text(json.dumps({"completed_iterations": it}))
             (run_dir / "state.tmp").replace(run_dir / "state.json")  # atomic: never a half-written state.json
     metrics_file.close()

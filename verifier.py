@@ -47,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "pure-bfloat16"],
                    help="auto/bfloat16: fp32 master weights + bf16 autocast; pure-bfloat16: bf16 weights (warns)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute decoder layers in the backward")
+    common.add_scale_args(p)  # --gradient-checkpointing, --lora-rank/-alpha/-dropout/-target-modules, --merge-lora
     p.add_argument("--n-train", type=int, default=64, help="training problems (each sampled --num-generations times)")
     p.add_argument("--num-generations", type=int, default=8, help="solutions sampled per training problem")
     p.add_argument("--max-new-tokens", type=int, default=48, help="completion length cap")
@@ -104,8 +104,7 @@ def generate(model, prompt_ids, prompt_mask, num_samples, max_new_tokens, temper
     B, V, device = P * G, logits.shape[-1], prompt_ids.device
     tokens = torch.full((B, max_new_tokens), eos_ids[0], dtype=torch.long, device=device)
     lens = torch.zeros(B, dtype=torch.long, device=device)
-    alive = torch.arange(B, device=device)  # rows of the batch still decoding
-    eos = torch.tensor(eos_ids, device=device)
+    alive, eos = torch.arange(B, device=device), torch.tensor(eos_ids, device=device)  # rows still decoding; stop ids
     seen = None  # (b, V) tokens already in the prompt (padding excluded) or the completion, for the penalty
     if repetition_penalty != 1.0:
         seen = torch.zeros_like(logits).scatter_add_(1, prompt_ids.repeat_interleave(G, 0), attn.float()) > 0
@@ -128,8 +127,7 @@ def generate(model, prompt_ids, prompt_mask, num_samples, max_new_tokens, temper
             tok = (candidates.gather(1, tok) if candidates is not None else tok).squeeze(1)
         else:
             tok = logits.argmax(-1)
-        tokens[alive, t] = tok
-        lens[alive] += 1
+        tokens[alive, t], lens[alive] = tok, lens[alive] + 1
         keep = ~torch.isin(tok, eos)
         if t == max_new_tokens - 1 or not keep.any():
             break
@@ -143,8 +141,7 @@ def generate(model, prompt_ids, prompt_mask, num_samples, max_new_tokens, temper
         attn = torch.cat([attn, attn.new_ones(len(alive), 1)], 1)
         out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None], cache=cache,
                     use_cache=True)
-        next_pos = next_pos + 1
-        logits = out.logits[:, -1].float()
+        next_pos, logits = next_pos + 1, out.logits[:, -1].float()
     T = max(int(lens.max()), 1)
     return tokens[:, :T], lens  # trim pad columns
 
@@ -153,10 +150,9 @@ def log_step(metrics_file, record, fields=()):
     """Append a record to metrics.jsonl; with fields [(key, label, format)], print them as one compact line."""
     metrics_file.write(json.dumps(record) + "\n")
     metrics_file.flush()
-    if not fields:
-        return
     show = lambda key, fmt: "-" if record.get(key) is None else format(record[key], fmt)
-    tqdm.write(" | ".join([f"step {record['step']:4d}"] + [f"{label} {show(key, fmt)}" for key, label, fmt in fields]))
+    if fields:  # the console line
+        tqdm.write(" | ".join([f"step {record['step']:4d}"] + [f"{lbl} {show(key, fmt)}" for key, lbl, fmt in fields]))
 
 
 def stop_if_not_finite(value, what, step, run_dir):
@@ -403,7 +399,7 @@ def main(argv=None):
                 ids, lens = generate(model, ids, mask, n, args.max_new_tokens, args.temperature, eos_ids, generator)
             out += common.decode(tokenizer, ids, lens)
         return out
-    metrics_file, data = open(run_dir / "metrics.jsonl", "w"), {}
+    metrics_file, data = common.open_log(run_dir / "metrics.jsonl"), {}
     print(f"{ALGO}: generator {args.model}, verifiers {args.verifier_model}, {device}, output {run_dir}")
     # ---- 1. sample and grade the training solutions, and the held-out solutions (sampled once) ---------------------
     for split, records, n in (("train", train[:args.n_train], args.num_generations), ("eval", test, args.eval_n)):
@@ -425,15 +421,20 @@ def main(argv=None):
     del model, complete
     # ---- 2. the ORM and the PRM: the same start, the same solutions in the same order ------------------------------
     probs, verifier_tokenizer = {}, common.load_tokenizer(args.verifier_model)
-    for kind in ("orm", "prm"):  # eval mode: no dropout
+    for kind in ("orm", "prm"):  # eval mode: no dropout. LoRA: on the trunk (the same start for both), the head full
+        torch.manual_seed(args.seed)
         verifier = ScalarHeadVerifier(common.load_model(args.verifier_model, device, weight_dtype,
                                                         args.gradient_checkpointing)).eval()
+        verifier.trunk = common.add_lora(verifier.trunk, args, decoder=verifier.trunk).eval()
         probs[kind] = train_verifier(kind, verifier, verifier_tokenizer, data["train"], data["eval"], args, autocast,
                                      run_dir, metrics_file)
-        if not args.no_save:  # trunk + head (fp32 master weights), one safetensors file each
-            (run_dir / "model").mkdir(exist_ok=True)
-            save_file({k: v.detach().cpu() for k, v in verifier.state_dict().items()},
-                      str(run_dir / "model" / f"{kind}.safetensors"))
+        if not args.no_save:  # trunk + head (fp32 master weights), one safetensors file each (a LoRA trunk: the head
+            out, lora = run_dir / "model", common.is_lora(verifier.trunk)  # there, the trunk's adapter (peft) in
+            if lora and args.merge_lora:  # <kind>_adapter/; --merge-lora: the adapter merged, the full trunk + head)
+                verifier.trunk, lora = verifier.trunk.merge_and_unload(), False
+            out.mkdir(exist_ok=True), lora and verifier.trunk.save_pretrained(out / f"{kind}_adapter")
+            save_file({k: v.detach().cpu() for k, v in verifier.state_dict().items() if not lora or k[:5] == "head."},
+                      str(out / f"{kind}.safetensors"))
         del verifier
     # ---- 3. rerank the held-out solutions ----------------------------------------------------------------------
     table = evaluate(data["eval"], probs, args, run_dir, metrics_file)

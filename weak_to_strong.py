@@ -22,7 +22,8 @@ The three strong runs start from the same weights and see the same batches of ha
     for s in 0 1; do python weak_to_strong.py --seed $s --output-dir runs/w2s_s$s; done    # several seeds
     python weak_to_strong.py --weak-model Qwen/Qwen2.5-0.5B --weak-layers 0 --strong-model Qwen/Qwen2.5-7B \
         --lr 1e-5 --dataset my_problems.jsonl --gradient-checkpointing                   # a GPU with network
-Saved models: OUTPUT_DIR/model/w2s_{xent,aux}.safetensors (trunk + head); `load_classifier(strong_model, path)`.
+Saved models: OUTPUT_DIR/model/w2s_{xent,aux}.safetensors (trunk + head; LoRA: the head, the adapter in
+w2s_{xent,aux}_adapter/); `load_classifier(strong_model, path)`.
 """
 import argparse
 import json
@@ -67,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "pure-bfloat16"],
                    help="auto/bfloat16: fp32 master weights + bf16 autocast; pure-bfloat16: bf16 weights (warns)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute decoder layers in the backward")
+    common.add_scale_args(p)  # --gradient-checkpointing, --lora-rank/-alpha/-dropout/-target-modules, --merge-lora
     # optimization (the paper code's defaults: batch 32, 2 epochs, Adam, cosine annealing, no warm-up)
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of the strong runs (see docs)")
     p.add_argument("--weak-lr", type=float, default=5e-5, help="Adam learning rate of the weak model (see docs)")
@@ -111,10 +112,9 @@ def log_step(metrics_file, record, fields=()):
     """Append a record to metrics.jsonl; with fields [(key, label, format)], print them as one compact line."""
     metrics_file.write(json.dumps(record) + "\n")
     metrics_file.flush()
-    if not fields:
-        return
     show = lambda key, fmt: "-" if record.get(key) is None else format(record[key], fmt)
-    tqdm.write(" | ".join([f"step {record['step']:4d}"] + [f"{label} {show(key, fmt)}" for key, label, fmt in fields]))
+    if fields:  # the console line
+        tqdm.write(" | ".join([f"step {record['step']:4d}"] + [f"{lbl} {show(key, fmt)}" for key, lbl, fmt in fields]))
 
 
 def stop_if_not_finite(value, what, step, run_dir):
@@ -162,21 +162,35 @@ def last_token_state(hidden, attention_mask):
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
-def save_classifier(model, path, dtype=None):
+def save_classifier(model, path, dtype=None, merge=False):
     """Trunk + head weights (as trained, or cast to dtype) as one safetensors file, written beside `path` and
-    renamed into place (atomic)."""
-    path = Path(path)
+    renamed into place (atomic). A LoRA trunk: the head alone there and the trunk's adapter (peft) in
+    <name>_adapter/; with merge (--merge-lora) the adapter is merged into the trunk first (in place) and saved full."""
+    path, lora = Path(path), common.is_lora(model.trunk)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if lora and merge:
+        model.trunk, lora = model.trunk.merge_and_unload(), False
+    if lora:
+        common.save_pretrained_atomic(model.trunk, None, path.with_name(f"{path.stem}_adapter"))
     tmp = path.with_name(f".{path.name}.tmp")
-    state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()
+             if not lora or k.startswith("head.")}
     save_file(state, str(tmp))
     os.replace(tmp, path)
 
 
 def load_classifier(model_name, path, device="cpu"):
-    """Rebuild a saved weak-to-strong classifier: the same --strong-model, then the saved trunk + head."""
+    """Rebuild a saved weak-to-strong classifier: the same --strong-model, then the saved trunk + head (a LoRA run:
+    the base trunk + the saved adapter, then the head)."""
     model = TransformerWithHead(common.load_model(model_name, torch.device(device)))  # the head follows the trunk
-    model.load_state_dict(load_file(str(path), device=str(device)))
+    state, adapter = load_file(str(path), device=str(device)), Path(path).with_name(f"{Path(path).stem}_adapter")
+    if adapter.is_dir():
+        from peft import PeftModel
+
+        model.trunk = PeftModel.from_pretrained(model.trunk, adapter)
+        model.head.load_state_dict({k.removeprefix("head."): v for k, v in state.items()})
+    else:
+        model.load_state_dict(state)
     return model.eval()
 
 
@@ -343,13 +357,12 @@ def main(argv=None):
     for flag in ("fewshot", "system_prompt", "num_generations", "max_new_tokens", "temperature"):
         if getattr(args, flag) is not None:
             print(f"note: --{flag.replace('_', '-')} has no effect in {ALGO}.py (a classifier; nothing is generated)")
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    common.seed_all(args.seed)
     device = common.resolve_device(args.device)
     weight_dtype, autocast_dtype = common.resolve_dtype(args.dtype, device)
     autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     run_dir = common.make_run_dir(args, ALGO)
-    metrics_file = open(run_dir / "metrics.jsonl", "w")
+    metrics_file = common.open_log(run_dir / "metrics.jsonl")
     t_start = time.perf_counter()
 
     # ---- data: problems -> (text, label) examples; halves A and B; a held-out test split ----------------------
@@ -378,6 +391,7 @@ def main(argv=None):
     # ---- 1. the weak supervisor: ground truth of half A ---------------------------------------------------------
     weak = TransformerWithHead(common.load_model(args.weak_model, device, weight_dtype, args.gradient_checkpointing),
                                args.weak_layers)
+    weak.trunk = common.add_lora(weak.trunk, args, decoder=weak.trunk)  # LoRA: on the trunk; the head trains fully
     acc_weak, test["weak_probs"] = train_run("weak", weak, weak_tok, texts_a, one_hot(half_a), labels(half_a), test,
                                              args, args.weak_lr, autocast, run_dir, metrics_file)
     # ---- 2. weak labels on half B: soft probabilities, not hardened ---------------------------------------------
@@ -395,11 +409,12 @@ def main(argv=None):
     for phase, targets in (("ceiling", one_hot(half_b)), ("w2s_xent", weak_labels), ("w2s_aux", weak_labels)):
         torch.manual_seed(args.seed)
         strong = TransformerWithHead(common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing))
+        strong.trunk = common.add_lora(strong.trunk, args, decoder=strong.trunk)  # the same adapter start each run
         results[phase], _ = train_run(phase, strong, strong_tok, texts_b, targets, labels_b, test, args, args.lr,
                                       autocast, run_dir, metrics_file)
         if phase != "ceiling" and not args.no_save:
             save_classifier(strong, run_dir / "model" / f"{phase}.safetensors",
-                            getattr(torch, args.save_dtype) if args.save_dtype else None)
+                            getattr(torch, args.save_dtype) if args.save_dtype else None, args.merge_lora)
         del strong
 
     # ---- 4. the table ------------------------------------------------------------------------------------------
