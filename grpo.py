@@ -339,8 +339,8 @@ def main(argv=None):
     train, test, fewshot = common.load_problems(args)
     prompt_of = lambda rec: common.build_prompt(tokenizer, rec["question"], fewshot, args.system_prompt)
     test_prompts, reward_fn = [prompt_of(r) for r in test], common.load_reward_fn(args.reward_fn)
-    model = common.add_lora(common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing), args)
-    model.eval()  # no dropout: pi_old and pi_theta must be the same function of the weights
+    model = common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing)
+    model = common.add_lora(model.eval(), args)  # eval: no dropout, pi_old = pi_theta (--lora-dropout: LoRA's own)
     ref_model = common.reference_model(model) if args.beta or args.log_kl else None  # frozen start (LoRA: no copy)
     eos_ids = common.stop_token_ids(tokenizer, model)
     common.check_context_length(model, 0, args.max_new_tokens)

@@ -263,7 +263,8 @@ def auc(scores, labels):
 
 def rerank_accuracies(answers, correct, scores, ns, subsets, rng):
     """answers, correct: (P, N_max) lists (answer or None; bool); scores: {orm, prm_min, prm_prod: (P, N_max)} ->
-    {N: {method: accuracy}}: the mean over `subsets` random subsets of size N in random order (order breaks ties)."""
+    {N: {method: accuracy}}: the mean over `subsets` random subsets of size N in random order (order breaks ties);
+    a solution without a final answer is no candidate of best-of-N (it cannot be right; nor does it vote)."""
     table = {}
     for n in ns:
         hits = dict.fromkeys(METHODS, 0)
@@ -271,10 +272,11 @@ def rerank_accuracies(answers, correct, scores, ns, subsets, rng):
             right = {a: c for a, c in zip(ans, ok) if a is not None}  # the grade depends on the answer only
             for idx in [rng.sample(range(len(ans)), n) for _ in range(subsets)]:
                 sub, sc = [ans[i] for i in idx], {k: [v[p][i] for i in idx] for k, v in scores.items()}
-                hits["pass"] += any(ok[i] for i in idx)
-                hits["majority"] += right.get(weighted_majority(sub), False)
+                candidates = [j for j in range(n) if sub[j] is not None] or [0]  # none with an answer: a wrong pick
+                hits["pass"], hits["majority"] = hits["pass"] + any(ok[i] for i in idx), \
+                    hits["majority"] + right.get(weighted_majority(sub), False)
                 for k in scores:  # best-of-N; ties: the first
-                    hits[f"{k}_best_of_n"] += ok[idx[max(range(n), key=sc[k].__getitem__)]]
+                    hits[f"{k}_best_of_n"] += ok[idx[max(candidates, key=sc[k].__getitem__)]]
                 hits["orm_weighted"] += right.get(weighted_majority(sub, sc["orm"]), False)
                 hits["prm_prod_weighted"] += right.get(weighted_majority(sub, sc["prm_prod"]), False)
         table[n] = {k: v / (len(answers) * subsets) for k, v in hits.items()}

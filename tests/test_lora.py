@@ -88,6 +88,15 @@ def test_training_changes_only_the_adapter_and_saves_it(script, tiny_model_dir, 
             torch.testing.assert_close(p1, p2.float(), msg=n1)  # the saved adapter is the trained one
 
 
+@pytest.mark.parametrize("script", [grpo, raft, reinforce_rej])
+def test_lora_dropout_is_on_in_training_and_everything_else_is_off(script, tiny_model_dir, tmp_path, monkeypatch):
+    seen = []  # the model at the final save: which modules train (dropout on)
+    monkeypatch.setattr(common, "save_model", lambda model, *a, **k: seen.append(
+        {n for n, m in model.named_modules() if m.training}))
+    run(script, tiny_model_dir, tmp_path / "run", "--lora-rank", "2", "--lora-dropout", "0.5")
+    assert seen[-1] and all("lora_dropout" in n for n in seen[-1])  # LoRA's dropout alone: on (it was a no-op)
+
+
 def test_merged_save_loads_with_from_pretrained_and_equals_the_adapter(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -107,6 +107,15 @@ def test_rerank_accuracies_hand_table():
         assert table[1][method] == pytest.approx(0.25, abs=0.04)
 
 
+def test_rerank_best_of_n_skips_solutions_without_an_answer():
+    # the top-scored solution has no final answer (an unfinished one, which a causal PRM cannot tell from a prefix):
+    # best-of-N picks the best among those with an answer; with no answer at all, the pick is wrong
+    scores = {k: [[0.9, 0.2, 0.5], [0.9, 0.8, 0.1]] for k in ("orm", "prm_min", "prm_prod")}
+    table = verifier.rerank_accuracies([[None, "4", "5"], [None, None, None]], [[False, False, True], [False] * 3],
+                                       scores, [3], 10, random.Random(0))[3]
+    assert table["pass"] == 0.5 and all(table[f"{k}_best_of_n"] == 0.5 for k in scores)  # "5" (0.5 > 0.2); none
+
+
 def test_rerank_ties_break_by_order():
     # N = 2 of 2 in random orders: a best-of-N tie (0.5, 0.5) and a 1-1 vote go to whichever comes first: half the time
     table = verifier.rerank_accuracies([["4", "5"]], [[True, False]], {k: [[0.5, 0.5]] for k in ("orm", "prm_min",
