@@ -46,17 +46,18 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def save_pretrained_atomic(model, tokenizer, out_dir, dtype=None) -> Path:
+def save_pretrained_atomic(model, tokenizer, out_dir, dtype=None, state=None) -> Path:
     """Write model (safetensors) + tokenizer to a temp dir beside `out_dir`, then rename it into place, so a
     crash or Ctrl-C mid-write never leaves a half-written directory under the final name. dtype: the saved
-    weights' dtype (default: as trained, i.e. the fp32 master weights)."""
+    weights' dtype (default: as trained, i.e. the fp32 master weights); state: the weights (default: the model's)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
     try:
-        state = None if dtype is None or is_lora(model) else {k: v.to(dtype) for k, v in model.state_dict().items()}
+        if dtype is not None and not is_lora(model):
+            state = {k: v.to(dtype) for k, v in (state or model.state_dict()).items()}
         model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state} if state else {}))  # LoRA: adapter
-        if state is not None:
+        if dtype is not None and not is_lora(model):
             config_path = tmp / "config.json"
             config = json.loads(config_path.read_text())
             config["dtype"] = str(dtype).replace("torch.", "")
@@ -187,12 +188,90 @@ def all_gather(tensor):
 
 def all_reduce_gradients(model):
     """Sum the gradients over ranks (what DDP does, done by hand: our training forward calls the decoder and the
-    head separately, which DDP's wrapped forward would not see; cleanrl's multi-GPU PPO does the same)."""
+    head separately, which DDP's wrapped forward would not see; cleanrl's multi-GPU PPO does the same). --fsdp:
+    the sharded blocks' gradients were already reduce-scattered in the backward; the rest are summed here."""
     if world_size() > 1:
-        for param in (p for p in model.parameters() if p.requires_grad):
+        for param in (p for p in model.parameters() if p.requires_grad and not _is_sharded(p)):
             if param.grad is None:  # this rank trained no row of the update: it adds zero
                 param.grad = torch.zeros_like(param)
             torch.distributed.all_reduce(param.grad)
+
+
+def shard_blocks(model, args):
+    """--fsdp: FSDP2 `fully_shard` on every decoder block, so a rank stores 1/N of the blocks' weights, gradients
+    and AdamW state (call it before making the optimizer). The embeddings, final norm and head (tied in many models,
+    and called outside the decoder by our training forward) stay whole on every rank. Gradients are sums over the
+    ranks (divide factor 1), as all_reduce_gradients: the loss normalizers are global. Then: gather_blocks."""
+    if not getattr(args, "fsdp", False):
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.get_decoder().layers:
+        fully_shard(block)
+        block.set_gradient_divide_factor(1.0)
+        block.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
+    local = sum(p.to_local().numel() if _is_sharded(p) else p.numel() for p in model.parameters())
+    print(f"fsdp: {len(model.get_decoder().layers)} blocks sharded over {world_size()} processes, "
+          f"{local:,} of {sum(p.numel() for p in model.parameters()):,} parameters stored per process")
+    return model
+
+
+def gather_blocks(model, gathered):
+    """--fsdp: gathered=True: every block whole on every rank (after one all-gather) until gather_blocks(model, False),
+    so sampling, evaluation and the no-grad forwards communicate nothing and ranks may run different numbers of them.
+    False, for the updates: each block is all-gathered for its forward and backward and freed after (ZeRO-3); the
+    optimizer holds the sharded parameters. A no-op without --fsdp."""
+    for block in _fsdp_blocks(model):
+        block.set_reshard_after_forward(not gathered)
+        block.unshard() if gathered else block.reshard()
+    return model
+
+
+def even_micro_batches(model, batches, pad):
+    """[(*batch, 1.0) per micro-batch]; --fsdp: every rank must run as many training forward/backward passes (each
+    gathers and reduces the blocks: a collective), so a rank with fewer adds (*pad, 0.0): a pass that counts 0."""
+    n = len(batches)
+    if is_fsdp(model):
+        n = torch.tensor(n, device=_comm_device())
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
+    return [(*b, 1.0) for b in batches] + [(*pad, 0.0)] * (int(n) - len(batches))
+
+
+def param_groups(model):
+    """The optimizer's parameters: model.parameters(), or with --fsdp two groups, the sharded blocks' and the whole
+    rest (fused AdamW cannot mix sharded DTensors and plain tensors in one group)."""
+    if not is_fsdp(model):
+        return model.parameters()
+    params = list(model.parameters())
+    return [{"params": [p for p in params if _is_sharded(p)]}, {"params": [p for p in params if not _is_sharded(p)]}]
+
+
+def clip_grad_norm(model, max_norm) -> float:
+    """torch's clip_grad_norm_ over the model's gradients -> the norm before clipping. --fsdp: the norm of the whole
+    gradient (each rank's shards' squares summed over the ranks, plus the whole tensors' once), the same scaling."""
+    if not is_fsdp(model):
+        return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    shards = sum(float(g.to_local().float().pow(2).sum()) for g in grads if _is_sharded(g))
+    norm = math.sqrt(all_sum(shards) + sum(float(g.float().pow(2).sum()) for g in grads if not _is_sharded(g)))
+    for g in grads:
+        g.mul_(min(1.0, max_norm / (norm + 1e-6)))
+    return norm
+
+
+def is_fsdp(model) -> bool:
+    """The model's blocks are sharded (shard_blocks)."""
+    return bool(_fsdp_blocks(model))
+
+
+def _fsdp_blocks(model):
+    if "torch.distributed.fsdp" not in sys.modules:
+        return []
+    return [m for m in model.modules() if isinstance(m, sys.modules["torch.distributed.fsdp"].FSDPModule)]
+
+
+def _is_sharded(tensor):
+    return type(tensor).__name__ == "DTensor"
 
 
 def _comm_device():
@@ -319,9 +398,11 @@ def _checkpointed(forward, layer_idx):
     return run_layer
 
 
-def add_scale_args(parser):
+def add_scale_args(parser, fsdp=False):
     """Flags for real scale, the same in every script: gradient checkpointing and LoRA (peft; --lora-rank 0, the
-    default, is full fine-tuning)."""
+    default, is full fine-tuning); fsdp: the script supports --fsdp (FSDP2 sharding under torchrun)."""
+    if fsdp:
+        parser.add_argument("--fsdp", action="store_true", help="torchrun: shard the blocks' weights, grads, AdamW")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute decoder layers in the backward")
     parser.add_argument("--lora-rank", type=int, default=0, help="LoRA rank r (0: full fine-tuning)")
@@ -351,11 +432,11 @@ def add_lora(model, args, decoder=None):
                          f"{' '.join(linear)})")
     config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank, target_modules=targets,
                         lora_dropout=args.lora_dropout)
-    model = get_peft_model(model, config)
-    if args.lora_dropout:  # the scripts train in eval mode (no dropout); LoRA's own dropout is switched on alone
+    model = get_peft_model(model, config)  # (which leaves every module in training mode)
+    if args.lora_dropout:
         print("warning: --lora-dropout > 0: pi_old and pi_theta (and sampling) see different dropout masks")
-        for name, module in model.named_modules():
-            module.train(module.training or "lora_dropout" in name)
+    for name, module in model.named_modules():  # eval mode (no dropout), but LoRA's own dropout with --lora-dropout
+        module.train(bool(args.lora_dropout) and "lora_dropout" in name)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"trainable: {trainable / 1e6:.1f}M of {total / 1e6:.0f}M ({trainable / total:.1%}), LoRA rank "
@@ -429,6 +510,9 @@ def check_args(parser, args, at_least_one=(), positive=(), non_negative=(), one_
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's process count
     if getattr(args, "prompts_per_step", None) and args.prompts_per_step % world:
         parser.error(f"--prompts-per-step {args.prompts_per_step} must be divisible by the {world} processes")
+    if getattr(args, "fsdp", False) and (world == 1 or args.lora_rank):
+        parser.error("--fsdp shards over several processes: run it under torchrun --nproc-per-node N (N >= 2)" if
+                     world == 1 else "--fsdp with --lora-rank: not supported (the adapter is small: leave out --fsdp)")
     for name in (n for n in one_process if getattr(args, n) and world > 1):
         parser.error(f"--{name.replace('_', '-')} runs in one process only (for now): use python, not torchrun")
 
@@ -450,12 +534,16 @@ def save_model(model, tokenizer, run_dir, args, final=False):
     """The trained model to <run>/model (atomically; fp32 master weights unless --save-dtype), unless --no-save.
     With LoRA: the adapter (peft loads it on the base; so does AutoModelForCausalLM), and with --merge-lora the
     final save writes the merged model instead (merge_and_unload changes the model: only at the end)."""
-    if args.no_save or rank() > 0:  # one writer
+    if args.no_save:
+        return
+    state = {k: v.full_tensor() if _is_sharded(v) else v for k, v in model.state_dict().items()} if is_fsdp(model) \
+        else None  # --fsdp: every rank takes part in gathering the blocks' weights
+    if rank() > 0:  # one writer
         return
     if final and is_lora(model) and getattr(args, "merge_lora", False):
         model = model.merge_and_unload()
     save_pretrained_atomic(model, tokenizer, Path(run_dir) / "model",
-                           getattr(torch, args.save_dtype) if args.save_dtype else None)
+                           getattr(torch, args.save_dtype) if args.save_dtype else None, state)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "pure-bfloat16"],
                    help="auto/bfloat16: fp32 master weights + bf16 autocast; pure-bfloat16: bf16 weights (warns)")
-    common.add_scale_args(p)  # --gradient-checkpointing, --lora-rank/-alpha/-dropout/-target-modules, --merge-lora
+    common.add_scale_args(p, fsdp=True)  # --gradient-checkpointing, --lora-rank/-alpha/-dropout/-target-modules, --fsdp
     p.add_argument("--steps", type=int, default=40, help="generation batches (each followed by --mu updates)")
     p.add_argument("--prompts-per-step", type=int, default=4, help="prompts per generation batch")
     p.add_argument("--num-generations", type=int, default=8, help="G: completions sampled per prompt (>= 2)")
@@ -334,20 +334,20 @@ def main(argv=None):
     device = common.resolve_device(args.device, distributed=True)  # torchrun: one process per device
     weight_dtype, autocast_dtype = common.resolve_dtype(args.dtype, device, lora=args.lora_rank > 0)
     autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-    run_dir = common.make_run_dir(args, ALGO)
-    tokenizer = common.load_tokenizer(args.model)
+    run_dir, tokenizer = common.make_run_dir(args, ALGO), common.load_tokenizer(args.model)
     train, test, fewshot = common.load_problems(args)
     prompt_of = lambda rec: common.build_prompt(tokenizer, rec["question"], fewshot, args.system_prompt)
     test_prompts, reward_fn = [prompt_of(r) for r in test], common.load_reward_fn(args.reward_fn)
     model = common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing)
     model = common.add_lora(model.eval(), args)  # eval: no dropout, pi_old = pi_theta (--lora-dropout: LoRA's own)
     ref_model = common.reference_model(model) if args.beta or args.log_kl else None  # frozen start (LoRA: no copy)
-    eos_ids = common.stop_token_ids(tokenizer, model)
+    model, eos_ids = common.shard_blocks(model, args), common.stop_token_ids(tokenizer, model)  # --fsdp: FSDP2
     common.check_context_length(model, 0, args.max_new_tokens)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(common.param_groups(model), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / max(1, args.warmup_steps)))
     for param in (p for p in model.parameters() if p.requires_grad):  # zero, not None: an update whose groups
         param.grad = torch.zeros_like(param)  # were all skipped (below) steps AdamW as the full batch would
+    common.gather_blocks(model, True)  # --fsdp: whole blocks for sampling, evaluation, no-grad forwards
     generator, data_rng, order = common.rank_generator(device, args.seed), random.Random(args.seed), []
     metrics_file, G, P = common.open_log(run_dir / "metrics.jsonl"), args.num_generations, args.prompts_per_step
     print(f"{ALGO}: {len(train)} train / {len(test)} eval problems, {len(fewshot)}-shot, model {args.model} on "
@@ -381,34 +381,37 @@ def main(argv=None):
                      max_len=args.max_new_tokens)  # the whole step's counts (summed over ranks under torchrun)
         # ---- 3. frozen log-probs: pi_old when there is more than one update, pi_ref for the KL ---------------
         t_train, frozen = time.perf_counter(), (prompt_ids, prompt_mask, completion_ids, args.temperature, autocast)
-        batches = micro_batches(rows, G, args.micro_batch_prompts, lens)
+        batches, pad = micro_batches(rows, G, args.micro_batch_prompts, lens), micro_batches([0], G, 1, lens)[0]
         old_logprobs = frozen_logprobs(model, batches, *frozen)[0] if len(updates) > 1 else None
         with common.adapter_off(ref_model):  # pi_ref; with LoRA the same weights, the adapter off
             ref_logprobs = frozen_logprobs(ref_model, batches, *frozen)[0] if ref_model is not None else None
-        # ---- 4. optimizer updates ---------------------------------------------------------------------------
+        common.gather_blocks(model, False)  # ---- 4. optimizer updates (--fsdp: on the sharded blocks) ---------
         stats = dict.fromkeys(("loss", "clip_frac_sum", "kl_sum", "entropy_sum", "tokens", "grad_norm"), 0.0)
         for k, update_rows in enumerate(updates):
-            optimizer.zero_grad(set_to_none=False)
-            for ps, prompt_index, r, T in micro_batches(update_rows, G, args.micro_batch_prompts, lens):
+            model.zero_grad(set_to_none=False)  # (not the optimizer's foreach zeroing: --fsdp mixes tensor types)
+            for ps, prompt_index, r, T, live in common.even_micro_batches(  # --fsdp: as many on every rank
+                    model, micro_batches(update_rows, G, args.micro_batch_prompts, lens), pad):
                 with autocast():
                     logprobs, entropy = completion_logprobs(model, prompt_ids[ps], prompt_mask[ps],
                                                             completion_ids[r, :T], prompt_index, args.temperature)
                 old = logprobs.detach() if k == 0 else old_logprobs[r, :T]  # before the first update pi_theta = pi_old
                 ref = ref_logprobs[r, :T] if ref_logprobs is not None else None
-                loss, s = grpo_loss(logprobs, old, advantages[r], mask[r, :T], args.loss_type, args.epsilon,
+                m = mask[r, :T] * live  # (b, T); a pad pass (live 0) counts nothing
+                loss, s = grpo_loss(logprobs, old, advantages[r], m, args.loss_type, args.epsilon,
                                     args.epsilon_high, args.beta, ref, **norms,
                                     sequence_level=args.importance_sampling_level == "sequence")
                 stop_if_not_finite(loss.item(), "the loss", step, run_dir)
                 loss.backward()  # accumulates: the sum over micro-batches is the full-batch gradient
-                s.update(loss=loss.item() / len(updates), entropy_sum=float((entropy.detach() * mask[r, :T]).sum()),
-                         tokens=float(mask[r, :T].sum()))
+                s.update(loss=loss.item() / len(updates), entropy_sum=float((entropy.detach() * m).sum()),
+                         tokens=float(m.sum()))
                 stats = {key: stats[key] + s.get(key, 0.0) for key in stats}
             common.all_reduce_gradients(model)  # torchrun: the sum over ranks, i.e. the whole step's gradient
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm))
+            grad_norm = common.clip_grad_norm(model, args.max_grad_norm)  # (--fsdp: over every rank's shard)
             stop_if_not_finite(grad_norm, "the gradient norm", step, run_dir)
             stats["grad_norm"] += grad_norm / len(updates)
             optimizer.step()
             scheduler.step()
+        common.gather_blocks(model, True)
         train_time, step_time = time.perf_counter() - t_train, time.perf_counter() - t_step
         stats = {k: v if k == "grad_norm" else common.all_sum(v) for k, v in stats.items()}  # ---- 5. log, eval, save
         truncated, used = truncated_rows(completion_ids, lens, eos_ids).float(), int(common.all_sum(len(rows)))
@@ -417,9 +420,8 @@ def main(argv=None):
         per_token = {k: stats[f"{k}_sum"] / n_tok if n_tok else None for k in ("entropy", "kl", "clip_frac")}
         record = {"step": step, "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
                   "correct": float((rewards > 0).float().mean()), "groups_drawn": len(group_std), "groups_dropped":
-                  len(group_std) - int(norms["num_seqs"]) // G, "samples_used": used,
-                  "frac_zero_std": float((group_std == 0).float().mean()), "updates": len(updates),
-                  "truncated": float(truncated.mean()),
+                  len(group_std) - int(norms["num_seqs"]) // G, "samples_used": used, "updates": len(updates),
+                  "frac_zero_std": float((group_std == 0).float().mean()), "truncated": float(truncated.mean()),
                   "completion_len": float(lens.float().mean()), "tokens_used": int(stats["tokens"]),
                   **per_token, "kl": per_token["kl"] if ref_model is not None else None, "loss": stats["loss"],
                   "grad_norm": stats["grad_norm"], "lr": scheduler.get_last_lr()[0], "gen_time": round(gen_time, 3),

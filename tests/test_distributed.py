@@ -29,11 +29,13 @@ def run(launcher, script, model_dir, out, *extra):
     return result, records
 
 
-@pytest.mark.parametrize("script, lora", [("grpo", False), ("raft", False), ("reinforce_rej", False), ("grpo", True)])
-def test_two_processes_make_the_one_process_update(script, lora, tiny_model_dir, tmp_path):
-    extra = ["--lora-rank", "4"] if lora else []
-    _, one = run([sys.executable], script, tiny_model_dir, tmp_path / "one", *extra)
+@pytest.mark.parametrize("script, mode", [("grpo", "ddp"), ("raft", "ddp"), ("reinforce_rej", "ddp"), ("grpo", "lora"),
+                                          ("grpo", "fsdp"), ("raft", "fsdp"), ("reinforce_rej", "fsdp")])
+def test_two_processes_make_the_one_process_update(script, mode, tiny_model_dir, tmp_path):
+    lora, extra = mode == "lora", {"lora": ["--lora-rank", "4"], "fsdp": ["--fsdp"]}.get(mode, [])
+    _, one = run([sys.executable], script, tiny_model_dir, tmp_path / "one", *(extra if lora else []))
     result, two = run(TORCHRUN, script, tiny_model_dir, tmp_path / "two", *extra)
+    assert ("fsdp: 2 blocks sharded over 2 processes" in result.stdout) == (mode == "fsdp")
     weights = "adapter_model.safetensors" if lora else "model.safetensors"
     a, b = (load_file(tmp_path / d / "model" / weights) for d in ("one", "two"))
     start = load_file(f"{tiny_model_dir}/model.safetensors")
@@ -64,3 +66,12 @@ def test_one_process_scripts_refuse_torchrun_with_one_line(tiny_model_dir, tmp_p
     cmd = TORCHRUN + [str(ROOT / "em.py"), "--model", tiny_model_dir, "--output-dir", str(tmp_path / "em")]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode != 0 and "runs in one process only" in result.stderr
+
+
+@pytest.mark.parametrize("launcher, flags, message", [
+    ([sys.executable], ["--fsdp"], "--fsdp shards over several processes: run it under torchrun"),
+    (TORCHRUN, ["--fsdp", "--lora-rank", "4"], "--fsdp with --lora-rank: not supported")])
+def test_bad_fsdp_combinations_are_one_clear_line(launcher, flags, message, tiny_model_dir):
+    cmd = launcher + [str(ROOT / "grpo.py"), "--model", tiny_model_dir, *flags]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode != 0 and message in result.stderr and "grpo.py\", line" not in result.stderr
