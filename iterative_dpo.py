@@ -225,6 +225,19 @@ def frozen_logprobs(model, batches, prompt_ids, prompt_mask, completion_ids, tem
     return logprobs, entropy
 
 
+def sample_groups(model, tokenizer, prompts, records, G, args, reward_fn, eos_ids, generator, autocast):
+    """G graded completions per prompt -> prompt ids/mask (P, Lp), completion ids (P*G, T), lens, rewards (P*G,)."""
+    prompt_ids, prompt_mask = common.tokenize_prompts(tokenizer, prompts, model.device)
+    common.check_context_length(model, prompt_ids.shape[1], args.max_new_tokens)
+    with autocast():
+        completion_ids, lens = generate(model, prompt_ids, prompt_mask, G, args.max_new_tokens, args.temperature,
+                                        eos_ids, generator)  # (P*G, T)
+    texts = common.decode(tokenizer, completion_ids, lens)
+    rewards = common.compute_rewards(reward_fn, [p for p in prompts for _ in range(G)], texts,
+                                     [r for r in records for _ in range(G)])
+    return prompt_ids, prompt_mask, completion_ids, lens, torch.tensor(rewards, device=model.device)
+
+
 def log_step(metrics_file, record, fields=()):
     """Append a record to metrics.jsonl; with fields [(key, label, format)], print them as one compact line."""
     metrics_file.write(json.dumps(record) + "\n")
@@ -284,32 +297,30 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
 # ----------------------------------------------------------------------------------------------------------
 def evaluate(model, tokenizer, prompts, records, args, eos_ids, autocast, step, run_dir, metrics_file):
     """Held-out greedy and sampled accuracy (one sample at T, the same draws at every eval), logged."""
-    t0, results, shown = time.perf_counter(), {}, {}
-    generator = torch.Generator(model.device).manual_seed(args.seed + 1)
+    t0, results, shown, generator = time.perf_counter(), {}, {}, torch.Generator(model.device).manual_seed(args.seed+1)
+    prompts, records, n = common.shard(prompts), common.shard(records), len(prompts)  # this rank's share of n
     for name, temperature in (("accuracy", 0.0), ("sampled_accuracy", args.temperature)):
-        correct, samples = 0, []
+        samples = []
         for i in range(0, len(prompts), args.eval_batch_size):
             ids, mask = common.tokenize_prompts(tokenizer, prompts[i:i + args.eval_batch_size], model.device)
             with autocast():
                 out, lens = generate(model, ids, mask, 1, args.max_new_tokens, temperature, eos_ids, generator)
-            for text, rec in zip(common.decode(tokenizer, out, lens), records[i:i + args.eval_batch_size]):
-                ok = common.grade(text, rec["answer"])
-                correct += ok
-                samples.append({"question": rec["question"], "answer": rec["answer"], "completion": text,
-                                "correct": ok})
-        results[f"eval/{name}"], shown[name] = correct / len(prompts), samples[:4]
+            samples += [dict(question=rec["question"], answer=rec["answer"], completion=text,
+                             correct=common.grade(text, rec["answer"]))
+                        for text, rec in zip(common.decode(tokenizer, out, lens), records[i:i + args.eval_batch_size])]
+        results[f"eval/{name}"], shown[name] = common.all_sum(sum(s["correct"] for s in samples)) / n, samples[:4]
     log_step(metrics_file, {"step": step, **results, "eval/time": round(time.perf_counter() - t0, 2)})
-    with open(run_dir / "samples.jsonl", "a") as f:
+    with common.open_log(run_dir / "samples.jsonl", "a") as f:
         f.write(json.dumps({"step": step, "greedy": shown["accuracy"], "sampled": shown["sampled_accuracy"]}) + "\n")
     tqdm.write(f"eval step {step}: greedy acc {results['eval/accuracy']:.1%}  sampled acc (T={args.temperature}) "
-               f"{results['eval/sampled_accuracy']:.1%}  ({len(prompts)} problems, {time.perf_counter() - t0:.0f}s)")
+               f"{results['eval/sampled_accuracy']:.1%}  ({n} problems, {time.perf_counter() - t0:.0f}s)")
     return results
 
 
 def main(argv=None):
     args = parse_args(argv)  # ---- setup: arguments, precision, data, models, optimizer ---------------------------
     common.seed_all(args.seed)
-    device = common.resolve_device(args.device)
+    device = common.resolve_device(args.device, distributed=True)  # torchrun: one process per device
     weight_dtype, autocast_dtype = common.resolve_dtype(args.dtype, device)
     autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     run_dir = common.make_run_dir(args, ALGO)
@@ -317,8 +328,11 @@ def main(argv=None):
     train, test, fewshot = common.load_problems(args)
     prompt_of = lambda rec: common.build_prompt(tokenizer, rec["question"], fewshot, args.system_prompt)
     test_prompts, reward_fn = [prompt_of(r) for r in test], common.load_reward_fn(args.reward_fn)
-    model = common.add_lora(common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing), args)
+    model = common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing)
     model.eval()  # no dropout: the reference log-probs and the policy's must be the same function of the weights
+    model = common.add_lora(model, args)  # after eval(), which would switch --lora-dropout off again
+    for name, module in model.named_modules():  # add_lora's train() on the new peft root reaches every module:
+        module.training = "lora_dropout" in name  # all in eval again but LoRA's dropout
     # --reference initial: a frozen copy of the start model (LoRA: the policy, its adapter off); iteration: the
     # policy itself (adapter on), before the step's updates
     ref_model = common.reference_model(model) if args.reference == "initial" else model
@@ -326,36 +340,29 @@ def main(argv=None):
     common.check_context_length(model, 0, args.max_new_tokens)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / max(1, args.warmup_steps)))
-    generator = torch.Generator(device).manual_seed(args.seed)
-    data_rng, order, pair_rng = random.Random(args.seed), [], random.Random(args.seed + 2)
-    metrics_file, G = common.open_log(run_dir / "metrics.jsonl"), args.num_generations
+    generator, data_rng, order = common.rank_generator(device, args.seed), random.Random(args.seed), []
+    pair_rng = random.Random(args.seed + 2)  # the same on every rank: each pairs the whole step (below)
+    metrics_file, G, P_all = common.open_log(run_dir / "metrics.jsonl"), args.num_generations, args.prompts_per_step
     print(f"{ALGO}: {len(train)} train / {len(test)} eval problems, {len(fewshot)}-shot, model {args.model} on "
           f"{device} (weights {weight_dtype}, autocast {autocast_dtype}), output {run_dir}")
     before = evaluate(model, tokenizer, test_prompts, test, args, eos_ids, autocast, 0, run_dir, metrics_file)
     no_pair_streak, warned_truncated, skipped_updates = 0, False, 0
     for step in tqdm(range(1, args.steps + 1), desc=ALGO, dynamic_ncols=True):
-        t_step = time.perf_counter()
-        # ---- 1. sample n completions for each of P prompts from the current policy ---------------------------
-        batch = common.next_batch(train, order, data_rng, args.prompts_per_step)
-        prompts = [prompt_of(r) for r in batch]
-        prompt_ids, prompt_mask = common.tokenize_prompts(tokenizer, prompts, device)  # (P, Lp)
-        common.check_context_length(model, prompt_ids.shape[1], args.max_new_tokens)
-        with autocast():
-            completion_ids, lens = generate(model, prompt_ids, prompt_mask, G, args.max_new_tokens,
-                                            args.temperature, eos_ids, generator)  # (P*G, T)
-        mask = completion_mask_from_lens(lens, completion_ids.shape[1])  # (P*G, T)
-        gen_time = time.perf_counter() - t_step
-        # ---- 2. rewards and one (chosen, rejected) pair per prompt with unequal rewards --------------------------
-        rewards = torch.tensor(common.compute_rewards(reward_fn, [p for p in prompts for _ in range(G)],
-                                                      common.decode(tokenizer, completion_ids, lens),
-                                                      [r for r in batch for _ in range(G)]), device=device)  # (P*G,)
-        pairs = best_vs_worst_pairs(rewards, G, pair_rng)
-        rows = sorted(row for pair in pairs for row in pair)  # the completions in the loss
-        n_mb = min(args.num_minibatches, len(pairs))
+        # ---- 1. sample n completions for each of P prompts, rewards (torchrun: all draw the same, each its share) --
+        t_step, batch = time.perf_counter(), common.shard(common.next_batch(train, order, data_rng, P_all))
+        prompt_ids, prompt_mask, completion_ids, lens, rewards = sample_groups(
+            model, tokenizer, [prompt_of(r) for r in batch], batch, G, args, reward_fn, eos_ids, generator, autocast)
+        mask, gen_time = completion_mask_from_lens(lens, completion_ids.shape[1]), time.perf_counter() - t_step
+        # ---- 2. one (chosen, rejected) pair per prompt with unequal rewards: every rank pairs the whole step with the
+        # same pair_rng (one process's draws), keeps its own; update k: each rank's k-th slice, never empty on all
+        all_rewards, B = common.all_gather(rewards), len(lens)  # (world * B,): rank r's rows are r * B ...
+        all_pairs = best_vs_worst_pairs(all_rewards, G, pair_rng)
+        pairs = [(w - common.rank() * B, l - common.rank() * B) for w, l in all_pairs if w // B == common.rank()]
+        rows = sorted(row for pair in pairs for row in pair)  # this rank's completions in the loss
+        n_mb = min(args.num_minibatches, max(map([w // B for w, _ in all_pairs].count, range(common.world_size()))))
         updates = [pairs[k * len(pairs) // n_mb:(k + 1) * len(pairs) // n_mb] for k in range(n_mb)]
-        # ---- 3. frozen log-probs: pi_ref of every paired completion, before any update of this iteration ------
-        t_train = time.perf_counter()
-        frozen = (prompt_ids, prompt_mask, completion_ids, 1.0, autocast)  # T = 1: DPO's policy is the model itself
+        # ---- 3. frozen log-probs: pi_ref of every paired completion, before any update (T = 1: DPO's policy) -----
+        t_train, frozen = time.perf_counter(), (prompt_ids, prompt_mask, completion_ids, 1.0, autocast)
         batches = micro_batches(rows, G, args.micro_batch_prompts, lens)
         with common.adapter_off(ref_model if args.reference == "initial" else None):  # iteration: the adapter on
             ref_seq = sequence_logprobs(frozen_logprobs(ref_model, batches, *frozen)[0], mask)  # (P*G,) summed
@@ -364,6 +371,7 @@ def main(argv=None):
         for update_pairs in updates:
             optimizer.zero_grad(set_to_none=False)
             update_rows = sorted(row for pair in update_pairs for row in pair)
+            num_pairs = common.all_sum(len(update_pairs))  # the DPO mean's count: the update's pairs on every rank
             for ps, prompt_index, r, T in micro_batches(update_rows, G, args.micro_batch_prompts, lens):
                 with autocast():
                     logprobs, entropy = completion_logprobs(model, prompt_ids[ps], prompt_mask[ps],
@@ -371,35 +379,38 @@ def main(argv=None):
                 mb_pairs = [pair for pair in update_pairs if pair[0] // G in ps]  # a pair's rows share a prompt
                 chosen, rejected = pair_sequence_logprobs(sequence_logprobs(logprobs, mask[r, :T]), r, mb_pairs)
                 w, l = [w for w, _ in mb_pairs], [l for _, l in mb_pairs]
-                loss, _ = dpo_loss(chosen, rejected, ref_seq[w], ref_seq[l], args.beta, num_pairs=len(update_pairs))
+                loss, _ = dpo_loss(chosen, rejected, ref_seq[w], ref_seq[l], args.beta, num_pairs=num_pairs)
                 stop_if_not_finite(loss.item(), "the loss", step, run_dir)
                 loss.backward()  # accumulates: the sum over micro-batches is the mini-batch gradient
                 s = dict(loss=loss.item() / len(updates), entropy_sum=float((entropy.detach() * mask[r, :T]).sum()),
                          tokens=float(mask[r, :T].sum()))
                 stats = {key: stats[key] + s.get(key, 0.0) for key in stats}
+            common.all_reduce_gradients(model)  # torchrun: the sum over ranks, i.e. the whole update's gradient
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm))
             stop_if_not_finite(grad_norm, "the gradient norm", step, run_dir)
             stats["grad_norm"] += grad_norm / len(updates)
             optimizer.step()
             scheduler.step()
+        stats = {k: v if k == "grad_norm" else common.all_sum(v) for k, v in stats.items()}  # the whole step's sums
         implicit = {}  # the implicit rewards after this iteration's updates, on its pairs (one no-grad forward)
-        if pairs:  # (before the first update h_w = h_l = 0 with the iteration's reference: nothing to measure)
+        if all_pairs:  # (before the first update h_w = h_l = 0 with the iteration's reference: nothing to measure)
             seq = sequence_logprobs(frozen_logprobs(model, batches, *frozen)[0], mask)
             w, l = [w for w, _ in pairs], [l for _, l in pairs]
-            _, s = dpo_loss(seq[w], seq[l], ref_seq[w], ref_seq[l], args.beta)
-            implicit = {key: value / len(pairs) for key, value in s.items()}
+            _, s = dpo_loss(seq[w], seq[l], ref_seq[w], ref_seq[l], args.beta, num_pairs=len(all_pairs))
+            implicit = {key: common.all_sum(value) / len(all_pairs) for key, value in s.items()}  # every rank's
         else:  # no prompt has both a better and a worse completion: no update at all (not a zero-gradient step)
             skipped_updates, stats["loss"], stats["grad_norm"] = skipped_updates + 1, None, None
         train_time, step_time = time.perf_counter() - t_train, time.perf_counter() - t_step
         # ---- 5. log, evaluate, save ---------------------------------------------------------------------------
-        n_tok, correct = stats["tokens"] or None, (rewards > 0).view(-1, G)
+        n_tok, correct, rewards = stats["tokens"] or None, (all_rewards > 0).view(-1, G), all_rewards
+        trunc = float(common.all_gather(truncated_rows(completion_ids, lens, eos_ids).float()).mean())
+        lens = common.all_gather(lens)  # every rank's rows, as the rewards
         record = {"step": step, "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
-                  "correct": float(correct.float().mean()), "pairs": len(pairs),
-                  "frac_no_pair": 1 - len(pairs) / len(prompts),
+                  "correct": float(correct.float().mean()), "pairs": len(all_pairs),
+                  "frac_no_pair": 1 - len(all_pairs) / len(correct),  # prompts without a pair, of every rank's
                   "frac_no_correct": float((~correct.any(1)).float().mean()),
                   "frac_all_correct": float(correct.all(1).float().mean()),
-                  "truncated": float(truncated_rows(completion_ids, lens, eos_ids).float().mean()),
-                  "completion_len": float(lens.float().mean()), "samples_used": len(rows),
+                  "truncated": trunc, "completion_len": float(lens.float().mean()), "samples_used": 2 * len(all_pairs),
                   "tokens_used": int(stats["tokens"]), "updates": len(updates), "skipped_updates": skipped_updates,
                   "entropy": stats["entropy_sum"] / n_tok if n_tok and args.temperature == 1.0 else None,
                   "loss": stats["loss"], "reward_accuracy": implicit.get("right_sum"),
@@ -413,7 +424,7 @@ def main(argv=None):
                                         ("chosen_logratio", "h_w", ".3f"), ("rejected_logratio", "h_l", ".3f"),
                                         ("grad_norm", "gnorm", ".3f"), ("gen_time", "gen s", ".1f"),
                                         ("train_time", "train s", ".1f")])
-        no_pair_streak = no_pair_streak + 1 if not pairs else 0
+        no_pair_streak = no_pair_streak + 1 if not all_pairs else 0
         if no_pair_streak == 3:  # printed once per streak
             tqdm.write("warning: no prompt has had both a correct and a wrong completion for 3 steps: no pairs, no "
                        "learning signal. Try --fewshot, a higher --temperature or more --num-generations.")
@@ -424,7 +435,6 @@ def main(argv=None):
         if args.eval_every and step % args.eval_every == 0 and step != args.steps:
             evaluate(model, tokenizer, test_prompts, test, args, eos_ids, autocast, step, run_dir, metrics_file)
             common.save_model(model, tokenizer, run_dir, args)
-
     after = evaluate(model, tokenizer, test_prompts, test, args, eos_ids, autocast, args.steps, run_dir, metrics_file)
     common.save_model(model, tokenizer, run_dir, args, final=True)  # --merge-lora: the merged model
     metrics_file.close()

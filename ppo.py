@@ -52,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--epsilon", type=float, default=0.2, help="clip epsilon (policy ratio)")
     p.add_argument("--gamma", type=float, default=1.0, help="GAE discount (verl, TRL: 1.0)")
     p.add_argument("--lam", type=float, default=1.0, help="GAE lambda (verl: 1.0; TRL, N+ details: 0.95)")
-    p.add_argument("--num-minibatches", type=int, default=2, help="updates per epoch (whole prompts; <= P)")
+    p.add_argument("--num-minibatches", type=int, default=2, help="updates per epoch (whole prompts; <= P per process)")
     p.add_argument("--num-ppo-epochs", type=int, default=1, help="passes over each generation batch (verl: 1)")
     p.add_argument("--critic-lr", type=float, default=1e-4, help="critic AdamW learning rate (verl: 10x the actor's)")
     p.add_argument("--cliprange-value", type=float, default=0.2, help="eps_v: value clip around V_old (verl: 0.5)")
@@ -218,6 +218,19 @@ def frozen_logprobs(model, batches, prompt_ids, prompt_mask, completion_ids, tem
     return logprobs, entropy
 
 
+def sample_groups(model, tokenizer, prompts, records, G, args, reward_fn, eos_ids, generator, autocast):
+    """G graded completions per prompt -> prompt ids/mask (P, Lp), completion ids (P*G, T), lens, rewards (P*G,)."""
+    prompt_ids, prompt_mask = common.tokenize_prompts(tokenizer, prompts, model.device)
+    common.check_context_length(model, prompt_ids.shape[1], args.max_new_tokens)
+    with autocast():
+        completion_ids, lens = generate(model, prompt_ids, prompt_mask, G, args.max_new_tokens, args.temperature,
+                                        eos_ids, generator)  # (P*G, T)
+    texts = common.decode(tokenizer, completion_ids, lens)
+    rewards = common.compute_rewards(reward_fn, [p for p in prompts for _ in range(G)], texts,
+                                     [r for r in records for _ in range(G)])
+    return prompt_ids, prompt_mask, completion_ids, lens, torch.tensor(rewards, device=model.device)
+
+
 def log_step(metrics_file, record, fields=()):
     """Append a record to metrics.jsonl; with fields [(key, label, format)], print them as one compact line."""
     metrics_file.write(json.dumps(record) + "\n")
@@ -231,7 +244,6 @@ def stop_if_not_finite(value, what, step, run_dir):
     if not math.isfinite(value):
         raise SystemExit(f"error: {what} is {value} at step {step}; stopping before the update "
                          f"(the last saved model in {run_dir / 'model'} is untouched)")
-
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -272,9 +284,10 @@ def gae_advantages(rewards, values, mask, gamma, lam):
 
 
 def masked_whiten(x, mask, eps=1e-8):
-    """(x - mean) / sqrt(var + eps) over the entries where mask = 1 (unbiased var, as verl and TRL); 0 elsewhere."""
-    mean = (x * mask).sum() / mask.sum()
-    var = (((x - mean) * mask) ** 2).sum() / (mask.sum() - 1).clamp(min=1)
+    """(x - mean) / sqrt(var + eps) over every rank's entries where mask = 1 (unbiased var, as verl, TRL); else 0."""
+    count = common.all_sum(mask.sum())
+    mean = common.all_sum((x * mask).sum()) / count
+    var = common.all_sum((((x - mean) * mask) ** 2).sum()) / (count - 1).clamp(min=1)
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
@@ -302,32 +315,30 @@ def clipped_value_loss(values, old_values, returns, mask, clip_range, num_tokens
 # ----------------------------------------------------------------------------------------------------------
 def evaluate(model, tokenizer, prompts, records, args, eos_ids, autocast, step, run_dir, metrics_file):
     """Held-out greedy and sampled accuracy (one sample at T, the same draws at every eval), logged."""
-    t0, results, shown = time.perf_counter(), {}, {}
-    generator = torch.Generator(model.device).manual_seed(args.seed + 1)
+    t0, results, shown, generator = time.perf_counter(), {}, {}, torch.Generator(model.device).manual_seed(args.seed+1)
+    prompts, records, n = common.shard(prompts), common.shard(records), len(prompts)  # this rank's share of n
     for name, temperature in (("accuracy", 0.0), ("sampled_accuracy", args.temperature)):
-        correct, samples = 0, []
+        samples = []
         for i in range(0, len(prompts), args.eval_batch_size):
             ids, mask = common.tokenize_prompts(tokenizer, prompts[i:i + args.eval_batch_size], model.device)
             with autocast():
                 out, lens = generate(model, ids, mask, 1, args.max_new_tokens, temperature, eos_ids, generator)
-            for text, rec in zip(common.decode(tokenizer, out, lens), records[i:i + args.eval_batch_size]):
-                ok = common.grade(text, rec["answer"])
-                correct += ok
-                samples.append({"question": rec["question"], "answer": rec["answer"], "completion": text,
-                                "correct": ok})
-        results[f"eval/{name}"], shown[name] = correct / len(prompts), samples[:4]
+            samples += [dict(question=rec["question"], answer=rec["answer"], completion=text,
+                             correct=common.grade(text, rec["answer"]))
+                        for text, rec in zip(common.decode(tokenizer, out, lens), records[i:i + args.eval_batch_size])]
+        results[f"eval/{name}"], shown[name] = common.all_sum(sum(s["correct"] for s in samples)) / n, samples[:4]
     log_step(metrics_file, {"step": step, **results, "eval/time": round(time.perf_counter() - t0, 2)})
-    with open(run_dir / "samples.jsonl", "a") as f:
+    with common.open_log(run_dir / "samples.jsonl", "a") as f:
         f.write(json.dumps({"step": step, "greedy": shown["accuracy"], "sampled": shown["sampled_accuracy"]}) + "\n")
     tqdm.write(f"eval step {step}: greedy acc {results['eval/accuracy']:.1%}  sampled acc (T={args.temperature}) "
-               f"{results['eval/sampled_accuracy']:.1%}  ({len(prompts)} problems, {time.perf_counter() - t0:.0f}s)")
+               f"{results['eval/sampled_accuracy']:.1%}  ({n} problems, {time.perf_counter() - t0:.0f}s)")
     return results
 
 
 def main(argv=None):
     args = parse_args(argv)  # ---- setup: arguments, precision, data, models, optimizers --------------------------
     common.seed_all(args.seed)
-    device = common.resolve_device(args.device)
+    device = common.resolve_device(args.device, distributed=True)  # torchrun: one process per device
     weight_dtype, autocast_dtype = common.resolve_dtype(args.dtype, device)
     autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     run_dir = common.make_run_dir(args, ALGO)
@@ -335,41 +346,32 @@ def main(argv=None):
     train, test, fewshot = common.load_problems(args)
     prompt_of = lambda rec: common.build_prompt(tokenizer, rec["question"], fewshot, args.system_prompt)
     test_prompts, reward_fn = [prompt_of(r) for r in test], common.load_reward_fn(args.reward_fn)
-    model = common.add_lora(common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing), args)
+    model = common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing)
     model.eval()  # no dropout (N+ details): pi_old and pi_theta must be the same function of the weights
+    model = common.add_lora(model, args)  # after eval(), which would switch --lora-dropout off again
     ref_model = common.reference_model(model)  # pi_ref, the frozen start (LoRA: adapter off; KL logged at beta 0 too)
-    critic = build_critic(args.model, device, weight_dtype, args.gradient_checkpointing)
+    critic = build_critic(args.model, device, weight_dtype, args.gradient_checkpointing).eval()
     critic["trunk"] = common.add_lora(critic["trunk"], args, decoder=critic["trunk"])  # LoRA: its own; the head: full
-    critic.eval()
+    for name, module in [*model.named_modules(), *critic.named_modules()]:  # add_lora's train() on the new peft root
+        module.training = "lora_dropout" in name  # reaches every module: all in eval again but LoRA's dropout
     eos_ids = common.stop_token_ids(tokenizer, model)
     common.check_context_length(model, 0, args.max_new_tokens)
     groups = [{"params": model.parameters(), "lr": args.lr}, {"params": critic.parameters(), "lr": args.critic_lr}]
     optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, fused=True)  # the critic's lr: its own
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / max(1, args.warmup_steps)))
-    generator = torch.Generator(device).manual_seed(args.seed)
-    data_rng, order = random.Random(args.seed), []
-    metrics_file, G = common.open_log(run_dir / "metrics.jsonl"), args.num_generations
+    generator, data_rng, order = common.rank_generator(device, args.seed), random.Random(args.seed), []
+    metrics_file, G, P_all = common.open_log(run_dir / "metrics.jsonl"), args.num_generations, args.prompts_per_step
     print(f"{ALGO}: {len(train)} train / {len(test)} eval problems, {len(fewshot)}-shot, model {args.model} on "
           f"{device} (weights {weight_dtype}, autocast {autocast_dtype}), output {run_dir}")
     before = evaluate(model, tokenizer, test_prompts, test, args, eos_ids, autocast, 0, run_dir, metrics_file)
     for step in tqdm(range(1, args.steps + 1), desc=ALGO, dynamic_ncols=True):
-        t_step = time.perf_counter()
-        # ---- 1. sample G completions for each of P prompts, grade them ---------------------------------------
-        batch = common.next_batch(train, order, data_rng, args.prompts_per_step)
-        prompts = [prompt_of(r) for r in batch]
-        prompt_ids, prompt_mask = common.tokenize_prompts(tokenizer, prompts, device)  # (P, Lp)
-        common.check_context_length(model, prompt_ids.shape[1], args.max_new_tokens)
-        with autocast():
-            completion_ids, lens = generate(model, prompt_ids, prompt_mask, G, args.max_new_tokens,
-                                            args.temperature, eos_ids, generator)  # (P*G, T)
-        mask = completion_mask_from_lens(lens, completion_ids.shape[1])  # (P*G, T)
-        gen_time = time.perf_counter() - t_step
-        rewards = torch.tensor(common.compute_rewards(reward_fn, [p for p in prompts for _ in range(G)],
-                                                      common.decode(tokenizer, completion_ids, lens),
-                                                      [r for r in batch for _ in range(G)]), device=device)  # (P*G,)
+        # ---- 1. sample G completions for each of P prompts, grade them (torchrun: all draw the same, each its share)
+        t_step, batch = time.perf_counter(), common.shard(common.next_batch(train, order, data_rng, P_all))
+        prompt_ids, prompt_mask, completion_ids, lens, rewards = sample_groups(
+            model, tokenizer, [prompt_of(r) for r in batch], batch, G, args, reward_fn, eos_ids, generator, autocast)
+        mask, gen_time = completion_mask_from_lens(lens, completion_ids.shape[1]), time.perf_counter() - t_step
         # ---- 2. frozen forwards: pi_old (ratio, k1), pi_ref (k1), V_old; token rewards, GAE, whitening ----------
-        t_train = time.perf_counter()
-        frozen = (prompt_ids, prompt_mask, completion_ids, args.temperature, autocast)
+        t_train, frozen = time.perf_counter(), (prompt_ids, prompt_mask, completion_ids, args.temperature, autocast)
         batches = micro_batches(range(len(lens)), G, args.micro_batch_prompts, lens)
         old_logprobs = frozen_logprobs(model, batches, *frozen)[0]
         with common.adapter_off(ref_model):  # with LoRA the same weights, the adapter off
@@ -382,13 +384,13 @@ def main(argv=None):
         token_rewards = -args.beta * kl  # + the score at each completion's last token: its EOS, or the truncation point
         token_rewards[torch.arange(len(lens), device=device), lens - 1] += rewards
         advantages, returns = gae_advantages(token_rewards, old_values, mask, args.gamma, args.lam)
-        advantages = masked_whiten(advantages, mask)  # over the whole generation batch (verl, TRL)
-        # ---- 3. updates: mini-batches of whole prompts in sampling order (verl), --num-ppo-epochs passes --------
-        P, n_mb, warmup = len(prompts), min(args.num_minibatches, len(prompts)), step <= args.critic_warmup_steps
+        advantages = masked_whiten(advantages, mask)  # over the whole generation batch, every rank's (verl, TRL)
+        # ---- 3. updates: mini-batches of whole prompts in sampling order (verl; torchrun: each rank's k-th slice) --
+        P, n_mb, warmup = len(batch), min(args.num_minibatches, len(batch)), step <= args.critic_warmup_steps
         updates = [list(range(k * P // n_mb * G, (k + 1) * P // n_mb * G)) for k in range(n_mb)] * args.num_ppo_epochs
         stats = collections.Counter()  # sums over micro-batches and updates
         for update_rows in updates:
-            num_tokens = mask[update_rows].sum()  # both losses are token-means over the mini-batch (verl, TRL)
+            num_tokens = common.all_sum(mask[update_rows].sum())  # both: token-means over the mini-batch, all ranks'
             for ps, idx, r, T in micro_batches(update_rows, G, args.micro_batch_prompts, lens):
                 part, m = (prompt_ids[ps], prompt_mask[ps], completion_ids[r, :T], idx), mask[r, :T]
                 with autocast():
@@ -404,21 +406,26 @@ def main(argv=None):
                 stats.update(s, **s_value, loss=loss.item(), value_loss=value_loss.item(), tokens=float(m.sum()),
                              entropy=float((entropy.detach() * m).sum()))
             for key, net in (("grad_norm", model), ("value_grad_norm", critic)):  # each clipped on its own (verl)
+                if net is critic or not warmup:  # torchrun: the sum over ranks (warm-up: the actor's grads stay None)
+                    common.all_reduce_gradients(net)
                 stats[key] += float(torch.nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm))
             stop_if_not_finite(stats["grad_norm"] + stats["value_grad_norm"], "the gradient norm", step, run_dir)
             optimizer.step()  # the actor has no grads (None) during the critic warm-up: AdamW leaves it untouched
             scheduler.step()
             optimizer.zero_grad()
         train_time, step_time = time.perf_counter() - t_train, time.perf_counter() - t_step
-        # ---- 4. log, evaluate, save ---------------------------------------------------------------------------
-        n_tok, n_up, v, ret = stats["tokens"], len(updates), old_values[mask > 0], returns[mask > 0]
+        stats = {k: v if "norm" in k else common.all_sum(v) for k, v in stats.items()}  # ---- 4. log, eval, save
+        tok = [common.all_gather(torch.nn.functional.pad(x, (0, args.max_new_tokens - x.shape[1])))
+               for x in (old_values, returns, kl, mask)]  # every rank's (sums, token values padded to one width)
+        v, ret, kl, n_tok, n_up = *(x[tok[3] > 0] for x in tok[:3]), stats["tokens"], len(updates)
+        trunc = float(common.all_gather(truncated_rows(completion_ids, lens, eos_ids).float()).mean())
+        rewards, lens = common.all_gather(rewards), common.all_gather(lens)  # every rank's rows
         record = {"step": step, "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
                   "correct": float((rewards > 0).float().mean()), "completion_len": float(lens.float().mean()),
-                  "truncated": float(truncated_rows(completion_ids, lens, eos_ids).float().mean()),
-                  "samples_used": len(lens), "tokens_used": int(n_tok), "updates": n_up,
+                  "truncated": trunc, "samples_used": len(lens), "tokens_used": int(n_tok), "updates": n_up,
                   **{k: stats[k] / n_tok for k in ("entropy", "kl", "clip_frac", "value_clip_frac")},  # token means
                   **{k: stats[k] / n_up for k in ("loss", "value_loss", "value_grad_norm")},  # means over updates
-                  "grad_norm": None if warmup else stats["grad_norm"] / n_up, "reward_kl": float(kl[mask > 0].mean()),
+                  "grad_norm": None if warmup else stats["grad_norm"] / n_up, "reward_kl": float(kl.mean()),
                   "explained_var": float(1 - (ret - v).var() / ret.var()) if ret.var() > 0 else None,
                   "lr": scheduler.get_last_lr()[0], "gen_time": round(gen_time, 3), "train_time": round(train_time, 3),
                   "step_time": round(step_time, 3), "tokens_per_s": round(float(lens.sum()) / step_time, 1)}
@@ -428,7 +435,6 @@ def main(argv=None):
         if args.eval_every and step % args.eval_every == 0 and step != args.steps:
             evaluate(model, tokenizer, test_prompts, test, args, eos_ids, autocast, step, run_dir, metrics_file)
             common.save_model(model, tokenizer, run_dir, args)
-
     after = evaluate(model, tokenizer, test_prompts, test, args, eos_ids, autocast, args.steps, run_dir, metrics_file)
     common.save_model(model, tokenizer, run_dir, args, final=True)  # the policy (--merge-lora: merged)
     metrics_file.close()
