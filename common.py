@@ -497,10 +497,12 @@ def seed_all(seed):
     torch.manual_seed(seed)
 
 
-def check_args(parser, args, at_least_one=(), positive=(), non_negative=(), one_process=()):
+def check_args(parser, args, at_least_one=(), positive=(), non_negative=(), one_process=(),
+               split=("prompts_per_step",)):
     """Command-line checks shared by the scripts: one clear line (argparse's usage error, exit 2) for a numeric
-    flag out of its range (None means 'unset'), for --prompts-per-step not divisible by torchrun's process count,
-    and for a flag in `one_process` (not supported with several processes) under torchrun."""
+    flag out of its range (None means 'unset'), for a flag in `split` (default --prompts-per-step) not divisible by
+    torchrun's process count, for a flag in `one_process` (not supported with several processes) under torchrun,
+    and for --fsdp with one process or with LoRA."""
     for names, ok, rule in ((at_least_one, lambda v: v >= 1, ">= 1"), (positive, lambda v: v > 0, "> 0"),
                             (non_negative, lambda v: v >= 0, ">= 0")):
         for name in names:
@@ -508,8 +510,8 @@ def check_args(parser, args, at_least_one=(), positive=(), non_negative=(), one_
             if value is not None and not (math.isfinite(value) and ok(value)):
                 parser.error(f"--{name.replace('_', '-')} must be {rule} (got {value})")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's process count
-    if getattr(args, "prompts_per_step", None) and args.prompts_per_step % world:
-        parser.error(f"--prompts-per-step {args.prompts_per_step} must be divisible by the {world} processes")
+    for name in (n for n in split if getattr(args, n, None) and getattr(args, n) % world):  # split over the ranks
+        parser.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be divisible by the {world} processes")
     if getattr(args, "fsdp", False) and (world == 1 or args.lora_rank):
         parser.error("--fsdp shards over several processes: run it under torchrun --nproc-per-node N (N >= 2)" if
                      world == 1 else "--fsdp with --lora-rank: not supported (the adapter is small: leave out --fsdp)")

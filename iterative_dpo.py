@@ -329,10 +329,7 @@ def main(argv=None):
     prompt_of = lambda rec: common.build_prompt(tokenizer, rec["question"], fewshot, args.system_prompt)
     test_prompts, reward_fn = [prompt_of(r) for r in test], common.load_reward_fn(args.reward_fn)
     model = common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing)
-    model.eval()  # no dropout: the reference log-probs and the policy's must be the same function of the weights
-    model = common.add_lora(model, args)  # after eval(), which would switch --lora-dropout off again
-    for name, module in model.named_modules():  # add_lora's train() on the new peft root reaches every module:
-        module.training = "lora_dropout" in name  # all in eval again but LoRA's dropout
+    model = common.add_lora(model.eval(), args)  # eval: no dropout; the reference and policy: one function
     # --reference initial: a frozen copy of the start model (LoRA: the policy, its adapter off); iteration: the
     # policy itself (adapter on), before the step's updates
     ref_model = common.reference_model(model) if args.reference == "initial" else model

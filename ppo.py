@@ -347,13 +347,10 @@ def main(argv=None):
     prompt_of = lambda rec: common.build_prompt(tokenizer, rec["question"], fewshot, args.system_prompt)
     test_prompts, reward_fn = [prompt_of(r) for r in test], common.load_reward_fn(args.reward_fn)
     model = common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing)
-    model.eval()  # no dropout (N+ details): pi_old and pi_theta must be the same function of the weights
-    model = common.add_lora(model, args)  # after eval(), which would switch --lora-dropout off again
+    model = common.add_lora(model.eval(), args)  # eval: no dropout (N+ details), pi_old = pi_theta (--lora-dropout on)
     ref_model = common.reference_model(model)  # pi_ref, the frozen start (LoRA: adapter off; KL logged at beta 0 too)
     critic = build_critic(args.model, device, weight_dtype, args.gradient_checkpointing).eval()
     critic["trunk"] = common.add_lora(critic["trunk"], args, decoder=critic["trunk"])  # LoRA: its own; the head: full
-    for name, module in [*model.named_modules(), *critic.named_modules()]:  # add_lora's train() on the new peft root
-        module.training = "lora_dropout" in name  # reaches every module: all in eval again but LoRA's dropout
     eos_ids = common.stop_token_ids(tokenizer, model)
     common.check_context_length(model, 0, args.max_new_tokens)
     groups = [{"params": model.parameters(), "lr": args.lr}, {"params": critic.parameters(), "lr": args.critic_lr}]

@@ -11,10 +11,10 @@ Lightman et al. 2023, "Let's Verify Step by Step" (https://arxiv.org/abs/2305.20
        majority, ORM / PRM (min_s p_s, prod_s p_s) best-of-N, ORM- / PRM-weighted majority; the verifiers' AUC
 
     python verifier.py                              # embedded SmolLM2-135M-Instruct, built-in 'chain' task, CPU
-    python verifier.py --model Qwen/Qwen2.5-Math-1.5B-Instruct --verifier-model Qwen/Qwen2.5-0.5B \\
-        --dataset openai/gsm8k --step-labels mc --max-new-tokens 512 --eval-n 64    # one GPU, network
+    OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 verifier.py   # data parallel (more commands: docs/verifier.md)
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -72,7 +72,7 @@ def parse_args(argv=None):
     common.check_args(p, args, at_least_one=("n_train", "num_generations", "max_new_tokens", "mc_completions", "epochs",
                                              "steps", "batch_size", "eval_n", "eval_subsets", "eval_size",
                                              "eval_batch_size"), positive=("lr", "temperature", "max_grad_norm"),
-                      non_negative=("warmup_steps", "weight_decay", "eval_every", "fewshot"))
+                      non_negative=("warmup_steps", "weight_decay", "eval_every", "fewshot"), split=("batch_size",))
     args.verifier_model = args.verifier_model or args.model
     chain = re.fullmatch(r"chain(:[2-9](:[1-6](:[-+]+)?)?)?", args.dataset)  # default: 3 one-digit operands, +
     if args.dataset.startswith("chain") and not chain:
@@ -84,9 +84,7 @@ def parse_args(argv=None):
     return args
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Plumbing shared by every script, copied byte for byte (tests/test_consistency.py checks): sampling, logging
-# ----------------------------------------------------------------------------------------------------------
+# ==== Plumbing shared by every script, copied byte for byte (tests/test_consistency.py checks): sampling, logging
 @torch.no_grad()
 def generate(model, prompt_ids, prompt_mask, num_samples, max_new_tokens, temperature, eos_ids, generator,
              top_k=0, top_p=1.0, repetition_penalty=1.0):
@@ -161,9 +159,7 @@ def stop_if_not_finite(value, what, step, run_dir):
                          f"(the last saved model in {run_dir / 'model'} is untouched)")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Verifiers (algorithm logic)
-# ----------------------------------------------------------------------------------------------------------
+# ==== Verifiers (algorithm logic) and their evaluation =====================================================
 def make_chain(split, n, seed=0, operands=3, digits=1, signs="+"):
     """The built-in task: 'What is 7 + 5 - 8? ...' (signs '+-'), solved as '7 + 5 = 12\\n12 - 8 = 4\\nThe answer is
     \\boxed{4}.' A fixed hash puts each problem in one split (1 in 10 in test); `seed` picks and orders them."""
@@ -246,6 +242,13 @@ def bce_loss(logits, labels):
     return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
 
 
+def gather_lists(*lists):
+    """Each list (or None) concatenated over the ranks in rank order: common.shard's shares -> the one-process list."""
+    parts = [lists] + [None] * (common.world_size() - 1)
+    common.world_size() > 1 and torch.distributed.all_gather_object(parts, lists)  # every rank gets every rank's
+    return [None if values is None else [v for part in parts for v in part[i]] for i, values in enumerate(lists)]
+
+
 def weighted_majority(answers, weights=None):
     """The answer of largest total weight (default 1 each: majority vote; ties: the first seen; None does not vote)."""
     totals = {}  # insertion-ordered: max() keeps the first of equal totals
@@ -273,27 +276,25 @@ def rerank_accuracies(answers, correct, scores, ns, subsets, rng):
             for idx in [rng.sample(range(len(ans)), n) for _ in range(subsets)]:
                 sub, sc = [ans[i] for i in idx], {k: [v[p][i] for i in idx] for k, v in scores.items()}
                 candidates = [j for j in range(n) if sub[j] is not None] or [0]  # none with an answer: a wrong pick
-                hits["pass"], hits["majority"] = hits["pass"] + any(ok[i] for i in idx), \
-                    hits["majority"] + right.get(weighted_majority(sub), False)
+                hits["pass"] += any(ok[i] for i in idx)
                 for k in scores:  # best-of-N; ties: the first
                     hits[f"{k}_best_of_n"] += ok[idx[max(candidates, key=sc[k].__getitem__)]]
-                hits["orm_weighted"] += right.get(weighted_majority(sub, sc["orm"]), False)
-                hits["prm_prod_weighted"] += right.get(weighted_majority(sub, sc["prm_prod"]), False)
+                for key, w in (("majority", None), ("orm_weighted", sc["orm"]), ("prm_prod_weighted", sc["prm_prod"])):
+                    hits[key] += right.get(weighted_majority(sub, w), False)  # (weighted) majority vote
         table[n] = {k: v / (len(answers) * subsets) for k, v in hits.items()}
     return table
 
 
 def train_verifier(kind, model, tokenizer, data, heldout, args, autocast, run_dir, metrics_file):
-    """Fine-tune the ORM (outcomes, at the last token) or the PRM (labelled steps, at their newlines) with BCE; AdamW,
-    warm-up, cosine decay; batches from a fresh random.Random(--seed): both verifiers see the same solutions."""
+    """Fine-tune the ORM (outcomes, last token) or PRM (steps, their newlines): BCE, AdamW; both: the same batches."""
     device, n = next(model.parameters()).device, len(data["steps"])
     nsteps = args.steps or math.ceil(args.epochs * n / args.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     schedule = lambda u: min(1.0, (u + 1) / max(1, args.warmup_steps)) * 0.5 * (1 + math.cos(math.pi * u / nsteps))
     scheduler, data_rng, order = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), random.Random(args.seed), []
-    for step in tqdm(range(1, nsteps + 1), desc=kind, dynamic_ncols=True):
-        # ---- 1. a batch of solutions; the positions the head reads, and their labels -------------------------------
-        t_step, batch = time.perf_counter(), common.next_batch(range(n), order, data_rng, args.batch_size)
+    for step in tqdm(range(1, nsteps + 1), desc=kind, dynamic_ncols=True, disable=common.rank() > 0):
+        # ---- 1. a batch of solutions (torchrun: this rank's B / N); the positions the head reads, their labels -----
+        t_step, batch = time.perf_counter(), common.shard(common.next_batch(range(n), order, data_rng, args.batch_size))
         ids, mask, ends = verifier_batch(tokenizer, [data["questions"][i] for i in batch],
                                          [data["steps"][i] for i in batch], device)
         picks = [(b, e[-1], data["correct"][i]) for b, (i, e) in enumerate(zip(batch, ends))] if kind == "orm" else \
@@ -302,17 +303,18 @@ def train_verifier(kind, model, tokenizer, data, heldout, args, autocast, run_di
         # ---- 2. the loss, the update; 3. log, evaluate -------------------------------------------------------------
         with autocast():
             logits = model(ids, mask, rows, cols)  # (n_labels,) fp32
-        loss = bce_loss(logits, labels)
-        stop_if_not_finite(loss.item(), f"the {kind} loss", step, run_dir)
+        n_labels = int(common.all_sum(len(labels)))  # the whole batch's (every rank's) solutions or labelled steps
+        loss = bce_loss(logits, labels) * (len(labels) / n_labels)  # the batch mean: this rank's sum / n_labels
+        stop_if_not_finite(loss_value := common.all_sum(loss.item()), f"the {kind} loss", step, run_dir)  # all or none
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        common.all_reduce_gradients(model)  # torchrun: trunk and head, summed over ranks = the whole batch's gradient
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm))
         stop_if_not_finite(grad_norm, f"the {kind} gradient norm", step, run_dir)
-        optimizer.step()
-        scheduler.step()
-        acc, pos = float(((logits.detach() > 0) == labels.bool()).float().mean()), float(labels.float().mean())
-        log_step(metrics_file, {"phase": kind, "step": step, "loss": loss.item(), "grad_norm": grad_norm, "lr":
-                                scheduler.get_last_lr()[0], "train/labels": len(labels), "train/accuracy": acc,
+        optimizer.step(), scheduler.step()
+        acc, pos = (float(common.all_sum(x.float().sum()) / n_labels) for x in ((logits > 0) == labels.bool(), labels))
+        log_step(metrics_file, {"phase": kind, "step": step, "loss": loss_value, "grad_norm": grad_norm, "lr":
+                                scheduler.get_last_lr()[0], "train/labels": n_labels, "train/accuracy": acc,
                                 "train/positive": pos, "step_time": round(time.perf_counter() - t_step, 3)},
                  [("loss", "loss", ".4f"), ("train/accuracy", "acc", ".2f"), ("step_time", "s", ".1f")])
         if args.eval_every and step % args.eval_every == 0 and step != nsteps:
@@ -325,12 +327,13 @@ def verifier_metrics(kind, model, tokenizer, heldout, args, autocast, step, metr
     """-> P(correct) at each step of each held-out solution (ORM score: the last); logged: AUC and accuracy (p > 0.5)
     of the ORM's or the PRM's product score vs the outcomes and, with step labels, of the PRM's step probabilities."""
     t0, probs, bs, device = time.perf_counter(), [], 4 * args.eval_batch_size, next(model.parameters()).device
-    for i in range(0, len(heldout["steps"]), bs):
+    for i in common.shard(range(0, len(heldout["steps"]), bs)):  # torchrun: this rank's forwards (the same batches)
         ids, mask, ends = verifier_batch(tokenizer, heldout["questions"][i:i + bs], heldout["steps"][i:i + bs], device)
         rows, cols = (torch.tensor(x, device=device) for x in zip(*[(b, j) for b, e in enumerate(ends) for j in e]))
         with autocast():
             flat = torch.sigmoid(model(ids, mask, rows, cols)).tolist()
         probs += [[flat.pop(0) for _ in e] for e in ends]
+    probs = gather_lists(probs)[0]  # every rank: every held-out solution's, in order
     score, y = [p[-1] if kind == "orm" else math.prod(p) for p in probs], heldout["correct"]
     record = {"phase": kind, "step": step, f"eval/{kind}_auc": auc(score, y),
               f"eval/{kind}_accuracy": sum((s > 0.5) == c for s, c in zip(score, y)) / len(y)}
@@ -343,9 +346,6 @@ def verifier_metrics(kind, model, tokenizer, heldout, args, autocast, step, metr
     return probs
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------------------
 METHODS = {"pass": "pass@N (oracle)", "majority": "majority vote", "orm_best_of_n": "ORM best-of-N",
            "prm_min_best_of_n": "PRM best-of-N (min)", "prm_prod_best_of_n": "PRM best-of-N (prod)",
            "orm_weighted": "ORM-weighted majority", "prm_prod_weighted": "PRM-weighted majority (prod)"}
@@ -367,30 +367,27 @@ def evaluate(heldout, probs, args, run_dir, metrics_file):
     print("\n".join(lines))
     (run_dir / "best_of_n.md").write_text("\n".join(lines) + "\n")
     (run_dir / "best_of_n.json").write_text(json.dumps({"n": ns, "accuracy": table}, indent=2))
-    try:  # the plot is optional
+    with contextlib.suppress(ImportError):  # the plot is optional
         import matplotlib.pyplot as plt
         [plt.plot(ns, [100 * table[n][k] for n in ns], marker="o", label=label) for k, label in METHODS.items()]
         plt.xscale("log"), plt.xticks(ns, ns), plt.xlabel("N (solutions per problem)"), plt.ylabel("accuracy (%)")
         plt.legend(fontsize=7), plt.savefig(run_dir / "best_of_n.png", dpi=120), plt.close()
-    except ImportError:
-        pass
     return table
 
 
 def main(argv=None):
-    args = parse_args(argv)  # ---- setup: arguments, precision, data, the generator (seeded sampling) ------------
-    device = common.resolve_device(args.device)
+    args, t_start = parse_args(argv), time.perf_counter()  # ---- setup: arguments, precision, data, the generator -
+    device = common.resolve_device(args.device, distributed=True)  # torchrun: one process per device
     weight_dtype, autocast_dtype = common.resolve_dtype(args.dtype, device)
     autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-    run_dir, t_start = common.make_run_dir(args, ALGO), time.perf_counter()
-    tokenizer = common.load_tokenizer(args.model)
+    run_dir, tokenizer = common.make_run_dir(args, ALGO), common.load_tokenizer(args.model)
     k = 1 if args.fewshot is None else args.fewshot  # chain: the few-shot examples come off the training problems
     chain = lambda split, n, seed: make_chain(split, n, seed, *args.chain)  # the test set: fixed, whatever --seed
     train, test, fewshot = (chain("train", args.n_train + k, args.seed)[k:], chain("test", args.eval_size, 1234),
                             chain("train", k, args.seed)) if args.chain else common.load_problems(args)
     prompt_of = lambda rec: common.build_prompt(tokenizer, rec["question"], fewshot, args.system_prompt)
     model = common.load_model(args.model, device, weight_dtype).eval()
-    eos_ids, generator = common.stop_token_ids(tokenizer, model), torch.Generator(device).manual_seed(args.seed)
+    eos_ids, generator = common.stop_token_ids(tokenizer, model), common.rank_generator(device, args.seed)
 
     def complete(texts, n):  # n completions per text at --temperature, --eval-batch-size texts per generate() call
         out = []
@@ -405,33 +402,34 @@ def main(argv=None):
     print(f"{ALGO}: generator {args.model}, verifiers {args.verifier_model}, {device}, output {run_dir}")
     # ---- 1. sample and grade the training solutions, and the held-out solutions (sampled once) ---------------------
     for split, records, n in (("train", train[:args.n_train], args.num_generations), ("eval", test, args.eval_n)):
+        records = common.shard(records)  # torchrun: each rank samples (its own generator) and labels its share
         t0, recs, prompts = time.perf_counter(), [r for r in records for _ in range(n)], list(map(prompt_of, records))
         texts = complete(prompts, n)
         correct = [common.grade(t, r["answer"]) for t, r in zip(texts, recs)]
-        steps, gen_time = [split_steps(t) for t in texts], time.perf_counter() - t0
-        exact = args.step_labels == "exact"  # MC: k generations per step, so the training solutions only
+        steps, gen_time, exact = [split_steps(t) for t in texts], time.perf_counter() - t0, args.step_labels == "exact"
         labels = [exact_step_labels(s, r["question"], r["answer"]) for s, r in zip(steps, recs)] if exact else \
             mc_step_labels([p for p in prompts for _ in range(n)], steps, [r["answer"] for r in recs], complete,
-                           args.mc_completions) if split == "train" else None
+                           args.mc_completions) if split == "train" else None  # MC: k per step, train only
         answers = [(a or "").replace(" ", "") or None for a in map(common.extract_answer, texts)]
+        recs, steps, correct, labels, answers = gather_lists(recs, steps, correct, labels, answers)  # every rank: all
         data[split] = {"questions": [r["question"] for r in recs], "steps": steps, "correct": correct,
                        "step_labels": labels, "answers": answers}
-        log_step(metrics_file, {"phase": "data", "step": 0, "split": split, "correct": sum(correct) / len(texts),
-                                "data/no_answer": answers.count(None) / len(texts), "gen_time": round(gen_time, 1),
+        log_step(metrics_file, {"phase": "data", "step": 0, "split": split, "correct": sum(correct) / len(correct),
+                                "data/no_answer": answers.count(None) / len(correct), "gen_time": round(gen_time, 1),
                                 "data/step_correct": sum(map(sum, labels)) / sum(map(len, labels)) if labels else None},
                  [(k, k.split("/")[-1], ".3f") for k in ("correct", "data/no_answer", "data/step_correct", "gen_time")])
     del model, complete
     # ---- 2. the ORM and the PRM: the same start, the same solutions in the same order ------------------------------
-    probs, verifier_tokenizer = {}, common.load_tokenizer(args.verifier_model)
+    probs, tokenizer = {}, common.load_tokenizer(args.verifier_model)  # the verifiers' (the generator is done)
     for kind in ("orm", "prm"):  # eval mode: no dropout. LoRA: on the trunk (the same start for both), the head full
         torch.manual_seed(args.seed)
         verifier = ScalarHeadVerifier(common.load_model(args.verifier_model, device, weight_dtype,
                                                         args.gradient_checkpointing)).eval()
-        verifier.trunk = common.add_lora(verifier.trunk, args, decoder=verifier.trunk).eval()
-        probs[kind] = train_verifier(kind, verifier, verifier_tokenizer, data["train"], data["eval"], args, autocast,
-                                     run_dir, metrics_file)
-        if not args.no_save:  # trunk + head (fp32 master weights), one safetensors file each (a LoRA trunk: the head
-            out, lora = run_dir / "model", common.is_lora(verifier.trunk)  # there, the trunk's adapter (peft) in
+        verifier.trunk = common.add_lora(verifier.trunk, args, decoder=verifier.trunk)  # after eval(): LoRA dropout on
+        probs[kind] = train_verifier(kind, verifier, tokenizer, data["train"], data["eval"], args, autocast, run_dir,
+                                     metrics_file)
+        if not args.no_save and common.rank() == 0:  # one writer: trunk + head (fp32 master weights), one file each
+            out, lora = run_dir / "model", common.is_lora(verifier.trunk)  # (LoRA: the head, the adapter (peft) in
             if lora and args.merge_lora:  # <kind>_adapter/; --merge-lora: the adapter merged, the full trunk + head)
                 verifier.trunk, lora = verifier.trunk.merge_and_unload(), False
             out.mkdir(exist_ok=True), lora and verifier.trunk.save_pretrained(out / f"{kind}_adapter")
@@ -439,7 +437,7 @@ def main(argv=None):
                       str(out / f"{kind}.safetensors"))
         del verifier
     # ---- 3. rerank the held-out solutions ----------------------------------------------------------------------
-    table = evaluate(data["eval"], probs, args, run_dir, metrics_file)
+    table = evaluate(data["eval"], probs, args, run_dir, metrics_file) if common.rank() == 0 else None  # one writer
     metrics_file.close()
     print(f"metrics and table in {run_dir} ({time.perf_counter() - t_start:.0f}s)")
     return table

@@ -20,6 +20,7 @@ The three strong runs start from the same weights and see the same batches of ha
 
     python weak_to_strong.py                        # embedded SmolLM2-135M (strong) vs its first 6 layers (weak), CPU
     for s in 0 1; do python weak_to_strong.py --seed $s --output-dir runs/w2s_s$s; done    # several seeds
+    OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 weak_to_strong.py   # data parallel: each batch split over 2 ranks
     python weak_to_strong.py --weak-model Qwen/Qwen2.5-0.5B --weak-layers 0 --strong-model Qwen/Qwen2.5-7B \
         --lr 1e-5 --dataset my_problems.jsonl --gradient-checkpointing                   # a GPU with network
 Saved models: OUTPUT_DIR/model/w2s_{xent,aux}.safetensors (trunk + head; LoRA: the head, the adapter in
@@ -97,11 +98,11 @@ def parse_args(argv=None):
                                              "eval_batch_size"),
                       positive=("lr", "weak_lr", "warmup_frac", "temperature"),
                       non_negative=("weak_layers", "fewshot", "alpha_max", "eval_every"))
-    for name in ("warmup_frac", "alpha_max"):  # fractions
-        if getattr(args, name) > 1:
-            p.error(f"--{name.replace('_', '-')} must be <= 1 (got {getattr(args, name)})")
-    if args.prompts_per_step is not None:
-        args.batch_size = args.prompts_per_step
+    for name in (n for n in ("warmup_frac", "alpha_max") if getattr(args, n) > 1):  # fractions
+        p.error(f"--{name.replace('_', '-')} must be <= 1 (got {getattr(args, name)})")
+    args.batch_size = args.batch_size if args.prompts_per_step is None else args.prompts_per_step  # the alias
+    if args.batch_size % int(os.environ.get("WORLD_SIZE", "1")):  # torchrun: each rank trains on B / N rows
+        p.error(f"--batch-size {args.batch_size} must be divisible by the {os.environ['WORLD_SIZE']} processes")
     return args
 
 
@@ -157,8 +158,7 @@ class TransformerWithHead(torch.nn.Module):
 def last_token_state(hidden, attention_mask):
     """hidden (B, L, H), attention_mask (B, L) -> (B, H): the state of each row's last non-pad token. From the
     mask, not from `ids != pad` (pad == EOS here), and valid for left and right padding alike."""
-    L = attention_mask.shape[1]
-    last = L - 1 - attention_mask.flip(1).argmax(1)  # (B,) index of the last 1 in each row
+    last = attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(1)  # (B,) index of the last 1 in each row
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
@@ -221,7 +221,8 @@ def logconf_target(logits, weak_probs, alpha):
 
 
 def logconf_loss(logits, weak_probs, alpha):
-    """Eq. 1: (1-a) CE(f, w) + a CE(f, f_t) = CE(f, (1-a) w + a f_t), since CE is linear in its target."""
+    """Eq. 1: (1-a) CE(f, w) + a CE(f, f_t) = CE(f, (1-a) w + a f_t), since CE is linear in its target. (train_run
+    computes the same with soft_ce and logconf_target, whose threshold it takes over the whole batch of every rank.)"""
     return soft_ce(logits, logconf_target(logits, weak_probs, alpha))
 
 
@@ -241,8 +242,7 @@ def make_examples(records, rng, wrong="other"):
         raise SystemExit("error: every problem has the same answer: cannot build wrong candidates")
     examples = []
     for rec in records:
-        label = rng.random() < 0.5
-        candidate = rec["answer"]
+        label, candidate = rng.random() < 0.5, rec["answer"]
         if not label and wrong == "near":
             try:
                 candidate = str(int(rec["answer"]) + rng.choice([d for d in range(-9, 10) if d]))
@@ -262,12 +262,20 @@ def tokenize_texts(tokenizer, texts, device):
 
 @torch.no_grad()
 def predict_probs(model, tokenizer, texts, batch_size, autocast, device):
-    """Class probabilities (N, 2) in float32, `batch_size` texts per forward."""
-    out = []
-    for i in range(0, len(texts), batch_size):
+    """Class probabilities (N, 2) in float32, `batch_size` texts per forward. torchrun: each rank runs its share of
+    the forwards, and every rank gets all N rows, in order."""
+    out = [torch.zeros(0, 2, device=device)]
+    for i in common.shard(range(0, len(texts), batch_size)):  # torchrun: this rank's forwards (the same batches)
         with autocast():
             out.append(torch.softmax(model(*tokenize_texts(tokenizer, texts[i:i + batch_size], device)), -1))
-    return torch.cat(out).float()
+    return torch.tensor(gather_lists(torch.cat(out).float().tolist())[0], device=device).view(-1, 2)
+
+
+def gather_lists(*lists):
+    """Each list (or None) concatenated over the ranks in rank order: common.shard's shares -> the one-process list."""
+    parts = [lists] + [None] * (common.world_size() - 1)
+    common.world_size() > 1 and torch.distributed.all_gather_object(parts, lists)  # every rank gets every rank's
+    return [None if values is None else [v for part in parts for v in part[i]] for i, values in enumerate(lists)]
 
 
 def classifier_accuracy(probs, labels):
@@ -279,44 +287,43 @@ def train_run(phase, model, tokenizer, texts, targets, labels, test, args, lr, a
     """One training run (train.py): fine-tune `model` on texts (N) with soft targets (N, 2) (ground truth one-hot,
     or weak soft labels); Adam, cosine annealing over nsteps, one loss over the whole batch. The loss is logconf in
     phase w2s_aux, soft cross-entropy otherwise; labels (N,) (ground truth) only feed the train/acc_gt diagnostic.
-    Batches: common.next_batch with a fresh random.Random(--seed) in every run, so the three strong runs (same
-    half B) see the same batches in the same order. -> (test accuracy, test probabilities (N_test, 2))."""
+    Batches: common.next_batch with a fresh random.Random(--seed) in every run (and rank), so the three strong runs
+    (same half B) see the same batches in the same order. -> (test accuracy, test probabilities (N_test, 2))."""
     device, n = next(model.parameters()).device, len(texts)
     nsteps = args.steps or max(1, args.epochs * n // args.batch_size)
-    model.eval()  # dropout off, as in the paper's code (train.py calls model.eval() during training)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=nsteps)
     data_rng, order = random.Random(args.seed), []
-    for step in tqdm(range(1, nsteps + 1), desc=phase, dynamic_ncols=True):
-        t_step = time.perf_counter()
+    for step in tqdm(range(1, nsteps + 1), desc=phase, dynamic_ncols=True, disable=common.rank() > 0):
         # ---- 1. the batch: B examples without replacement, reshuffled at each pass over the half -------------
-        rows = common.next_batch(range(n), order, data_rng, args.batch_size)  # (B,) example indices
-        ids, mask = tokenize_texts(tokenizer, [texts[i] for i in rows], device)  # (B, L)
-        target = targets[rows].to(device)  # (B, 2)
+        t_step, rows = time.perf_counter(), common.next_batch(range(n), order, data_rng, args.batch_size)  # (B,)
+        mine = common.shard(rows)  # torchrun: this rank's b = B / N of them (all B in one process)
+        ids, mask = tokenize_texts(tokenizer, [texts[i] for i in mine], device)  # (b, L)
+        target = targets[mine].to(device)  # (b, 2)
         # ---- 2. the loss over the whole batch (the aux threshold is a statistic of all B examples) -----------
         with autocast():
-            logits = model(ids, mask)  # (B, 2) fp32
-        alpha = None
-        if phase == "w2s_aux":
+            logits = model(ids, mask)  # (b, 2) fp32
+        batch_logits, alpha = common.all_gather(logits.detach()), None  # (B, 2): every rank's rows, in batch order
+        if phase == "w2s_aux":  # logconf_loss, with t the quantile over the whole batch
             alpha = aux_alpha((step - 1) / nsteps, args.alpha_max, args.warmup_frac, args.alpha_schedule)
-            loss = logconf_loss(logits, target, alpha)
-        else:
-            loss = soft_ce(logits, target)
-        stop_if_not_finite(loss.item(), f"the {phase} loss", step, run_dir)
+            target = common.shard(logconf_target(batch_logits, targets[rows].to(device), alpha))  # this rank's rows
+        loss = soft_ce(logits, target) * (len(mine) / len(rows))  # the batch mean: this rank's sum / B
+        loss_value = common.all_sum(loss.item())  # the whole batch's loss (every rank stops, or none)
+        stop_if_not_finite(loss_value, f"the {phase} loss", step, run_dir)
         # ---- 3. the update --------------------------------------------------------------------------------------
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        common.all_reduce_gradients(model)  # torchrun: trunk and head, summed over ranks = the whole batch's gradient
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))  # measured, not clipped
         stop_if_not_finite(grad_norm, f"the {phase} gradient norm", step, run_dir)
         optimizer.step()
         scheduler.step()
         # ---- 4. log, evaluate -------------------------------------------------------------------------------------
-        pred = logits.detach().argmax(-1).cpu()  # (B,)
-        record = {"phase": phase, "step": step, "loss": loss.item(), "alpha": alpha,
-                  "lr": scheduler.get_last_lr()[0],
+        pred = batch_logits.argmax(-1).cpu()  # (B,) the whole batch: the record describes every rank's rows
+        record = {"phase": phase, "step": step, "loss": loss_value, "alpha": alpha, "lr": scheduler.get_last_lr()[0],
                   "grad_norm": grad_norm, "train/acc_gt": float((pred == labels[rows]).float().mean()),
                   "train/agree_target": float((pred == targets[rows].argmax(-1)).float().mean()),
-                  "train/p1_mean": float(torch.softmax(logits.detach(), -1)[:, 1].mean()),
+                  "train/p1_mean": float(torch.softmax(batch_logits, -1)[:, 1].mean()),
                   "step_time": round(time.perf_counter() - t_step, 3)}
         log_step(metrics_file, record, [("phase", "phase", "s"), ("loss", "loss", ".4f"), ("alpha", "alpha", ".3f"),
                                         ("train/acc_gt", "acc(gt)", ".2f"), ("train/agree_target", "agree", ".2f"),
@@ -333,9 +340,8 @@ def train_run(phase, model, tokenizer, texts, targets, labels, test, args, lr, a
 def evaluate(model, tokenizer, test, args, autocast, phase, step, run_dir, metrics_file):
     """Held-out test accuracy (argmax class vs ground truth), logged; with test["weak_probs"], also the agreement
     with the weak supervisor's test predictions. -> (accuracy, test probabilities (N_test, 2))."""
-    t0 = time.perf_counter()
-    probs = predict_probs(model, tokenizer, test["texts"], args.eval_batch_size, autocast,
-                          next(model.parameters()).device)
+    t0, device = time.perf_counter(), next(model.parameters()).device
+    probs = predict_probs(model, tokenizer, test["texts"], args.eval_batch_size, autocast, device)  # all N_test rows
     record = {"phase": phase, "step": step, "eval/accuracy": classifier_accuracy(probs, test["labels"])}
     if "weak_probs" in test:  # how often the strong model agrees with its weak supervisor on the test set
         record["eval/agreement_weak"] = classifier_accuracy(probs, test["weak_probs"].argmax(-1))
@@ -343,7 +349,7 @@ def evaluate(model, tokenizer, test, args, autocast, phase, step, run_dir, metri
     log_step(metrics_file, record)
     shown = [{"text": t, "label": int(y), "p_correct": round(float(p[1]), 4)}
              for t, y, p in zip(test["texts"][:4], test["labels"][:4], probs[:4])]
-    with open(run_dir / "samples.jsonl", "a") as f:
+    with common.open_log(run_dir / "samples.jsonl", "a") as f:
         f.write(json.dumps({"phase": phase, "step": step, "examples": shown}) + "\n")
     tqdm.write(f"eval {phase} step {step}: accuracy {record['eval/accuracy']:.1%}"
                + (f"  agreement with weak {record['eval/agreement_weak']:.1%}" if "weak_probs" in test else "")
@@ -358,17 +364,16 @@ def main(argv=None):
         if getattr(args, flag) is not None:
             print(f"note: --{flag.replace('_', '-')} has no effect in {ALGO}.py (a classifier; nothing is generated)")
     common.seed_all(args.seed)
-    device = common.resolve_device(args.device)
+    device = common.resolve_device(args.device, distributed=True)  # torchrun: one process per device
     weight_dtype, autocast_dtype = common.resolve_dtype(args.dtype, device)
     autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-    run_dir = common.make_run_dir(args, ALGO)
+    run_dir, t_start = common.make_run_dir(args, ALGO), time.perf_counter()
     metrics_file = common.open_log(run_dir / "metrics.jsonl")
-    t_start = time.perf_counter()
 
     # ---- data: problems -> (text, label) examples; halves A and B; a held-out test split ----------------------
     train, test_records = common.train_eval_records(args.dataset, args.eval_dataset, args.question_key,
                                                     args.answer_key, seed=args.seed, eval_size=args.eval_size)
-    rng = random.Random(args.seed)
+    rng = random.Random(args.seed)  # torchrun: every rank draws the same examples, halves and order (same seeds)
     train = make_examples(train[:args.n_train], rng, args.wrong_answers)
     test = make_examples(test_records, random.Random(1234), args.wrong_answers)  # the same examples for every seed
     weak_tok, strong_tok = common.load_tokenizer(args.weak_model), common.load_tokenizer(args.model)
@@ -389,9 +394,12 @@ def main(argv=None):
           f"(weights {weight_dtype}, autocast {autocast_dtype}) | output {run_dir}")
 
     # ---- 1. the weak supervisor: ground truth of half A ---------------------------------------------------------
-    weak = TransformerWithHead(common.load_model(args.weak_model, device, weight_dtype, args.gradient_checkpointing),
-                               args.weak_layers)
-    weak.trunk = common.add_lora(weak.trunk, args, decoder=weak.trunk)  # LoRA: on the trunk; the head trains fully
+    def classifier(name, layers=0):  # LoRA: on the trunk; the head trains fully
+        model = TransformerWithHead(common.load_model(name, device, weight_dtype, args.gradient_checkpointing), layers)
+        model.eval()  # dropout off, as in the paper's code (train.py calls model.eval() during training)
+        model.trunk = common.add_lora(model.trunk, args, decoder=model.trunk)  # after eval(): --lora-dropout is on
+        return model
+    weak = classifier(args.weak_model, args.weak_layers)
     acc_weak, test["weak_probs"] = train_run("weak", weak, weak_tok, texts_a, one_hot(half_a), labels(half_a), test,
                                              args, args.weak_lr, autocast, run_dir, metrics_file)
     # ---- 2. weak labels on half B: soft probabilities, not hardened ---------------------------------------------
@@ -403,23 +411,20 @@ def main(argv=None):
     print(f"weak labels on half B: accuracy {label_acc:.1%}, mean p(correct) {float(weak_labels[:, 1].mean()):.2f}")
     del weak
 
-    # ---- 3. strong runs from the same start and in the same data order: ceiling (ground truth of B), -------------
-    #         w2s xent and w2s aux (weak labels of B)
+    # ---- 3. strong runs, the same start and data order: ceiling (ground truth of B), w2s xent / aux (weak labels) -
     results = {"weak": acc_weak}
     for phase, targets in (("ceiling", one_hot(half_b)), ("w2s_xent", weak_labels), ("w2s_aux", weak_labels)):
         torch.manual_seed(args.seed)
-        strong = TransformerWithHead(common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing))
-        strong.trunk = common.add_lora(strong.trunk, args, decoder=strong.trunk)  # the same adapter start each run
+        strong = classifier(args.model)  # the same start (and LoRA adapter start) in each run
         results[phase], _ = train_run(phase, strong, strong_tok, texts_b, targets, labels_b, test, args, args.lr,
                                       autocast, run_dir, metrics_file)
-        if phase != "ceiling" and not args.no_save:
+        if phase != "ceiling" and not args.no_save and common.rank() == 0:  # one writer
             save_classifier(strong, run_dir / "model" / f"{phase}.safetensors",
                             getattr(torch, args.save_dtype) if args.save_dtype else None, args.merge_lora)
         del strong
 
     # ---- 4. the table ------------------------------------------------------------------------------------------
-    results["pgr_xent"] = pgr(results["weak"], results["ceiling"], results["w2s_xent"])
-    results["pgr_aux"] = pgr(results["weak"], results["ceiling"], results["w2s_aux"])
+    results.update({f"pgr_{k}": pgr(results["weak"], results["ceiling"], results[f"w2s_{k}"]) for k in ("xent", "aux")})
     results["wall_time"] = round(time.perf_counter() - t_start, 1)
     nan_to_none = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in results.items()}
     log_step(metrics_file, {"phase": "summary", "step": 0, **nan_to_none})
