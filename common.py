@@ -498,13 +498,13 @@ def seed_all(seed):
 
 
 def check_args(parser, args, at_least_one=(), positive=(), non_negative=(), one_process=(),
-               split=("prompts_per_step",)):
+               split=("prompts_per_step",), at_least_two=()):
     """Command-line checks shared by the scripts: one clear line (argparse's usage error, exit 2) for a numeric
     flag out of its range (None means 'unset'), for a flag in `split` (default --prompts-per-step) not divisible by
     torchrun's process count, for a flag in `one_process` (not supported with several processes) under torchrun,
     and for --fsdp with one process or with LoRA."""
-    for names, ok, rule in ((at_least_one, lambda v: v >= 1, ">= 1"), (positive, lambda v: v > 0, "> 0"),
-                            (non_negative, lambda v: v >= 0, ">= 0")):
+    for names, ok, rule in ((at_least_one, lambda v: v >= 1, ">= 1"), (at_least_two, lambda v: v >= 2, ">= 2"),
+                            (positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0")):
         for name in names:
             value = getattr(args, name)
             if value is not None and not (math.isfinite(value) and ok(value)):

@@ -87,9 +87,7 @@ def parse_args(argv=None):
                                              "eval_batch_size", "micro_batch_prompts", "max_resample"),
                       positive=("lr", "temperature", "epsilon", "epsilon_high", "max_grad_norm"),
                       non_negative=("beta", "warmup_steps", "weight_decay", "eval_every"),
-                      one_process=("dynamic_sampling",))
-    if args.num_generations < 2:
-        p.error("--num-generations must be >= 2: group-normalized advantages need two samples per prompt")
+                      one_process=("dynamic_sampling",), at_least_two=("num_generations",))  # G >= 2: a group
     args.max_resample = args.max_resample or 3 * args.prompts_per_step  # read only with --dynamic-sampling
     low, high = (3e-4, 4e-4) if args.importance_sampling_level == "sequence" else (0.2, 0.2)  # GSPO v2 §5.1, as TRL
     args.epsilon, args.epsilon_high = args.epsilon or low, args.epsilon_high or args.epsilon or high
