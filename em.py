@@ -295,8 +295,9 @@ def select_prompts(model, tokenizer, train, prompt_of, args, eos_ids, autocast, 
             raise SystemExit(f"error: --prompt-index {args.prompt_index} (with --num-prompts {args.num_prompts}) is "
                              f"out of range: the training split has {len(train)} rows")
         return train[args.prompt_index:args.prompt_index + args.num_prompts]
-    candidates, k, ranked = train[:args.select_from], args.select_samples, []
-    for i in range(0, len(candidates), 8):
+    candidates, k = train[:args.select_from], args.select_samples
+    accuracy = torch.zeros(len(candidates), dtype=torch.float64, device=model.device)  # torchrun: summed over ranks
+    for i in range(8 * common.rank(), len(candidates), 8 * common.world_size()):  # torchrun: every w-th batch of 8
         ids, mask = common.tokenize_prompts(tokenizer, [prompt_of(r) for r in candidates[i:i + 8]], model.device)
         common.check_context_length(model, ids.shape[1], args.max_new_tokens)
         with autocast():
@@ -304,11 +305,12 @@ def select_prompts(model, tokenizer, train, prompt_of, args, eos_ids, autocast, 
                                  0, args.top_p, args.repetition_penalty)
         texts = common.decode(tokenizer, out, lens)
         for j, rec in enumerate(candidates[i:i + 8]):
-            acc = sum(common.grade(t, rec["answer"]) for t in texts[j * k:(j + 1) * k]) / k
-            ranked.append({"index": i + j, "question": rec["question"], "answer": rec["answer"], "accuracy": acc,
-                           "variance": acc * (1 - acc)})
+            accuracy[i + j] = sum(common.grade(t, rec["answer"]) for t in texts[j * k:(j + 1) * k]) / k
+    ranked = [{"index": i, "question": r["question"], "answer": r["answer"], "accuracy": a, "variance": a * (1 - a)}
+              for i, (r, a) in enumerate(zip(candidates, common.all_sum(accuracy).tolist()))]
     ranked.sort(key=lambda r: (-r["variance"], r["index"]))
-    (run_dir / "selection.json").write_text(json.dumps(ranked, indent=2))
+    with common.open_log(run_dir / "selection.json") as f:  # rank 0 writes
+        f.write(json.dumps(ranked, indent=2))
     best = ranked[0]
     print(f"{ALGO}: selected training row {best['index']} {best['question']!r} (answer {best['answer']}): {k} samples "
           f"{best['accuracy']:.0%} correct, the top accuracy variance of {len(ranked)} (ranking: selection.json)")
@@ -325,26 +327,27 @@ def evaluate(model, tokenizer, prompts, records, temperatures, args, eos_ids, au
     paper evaluates; the same draws every eval) + logit_diagnostics() of the first --diag-size samples at T; logged."""
     t0, results, shown, diag = time.perf_counter(), {}, {}, None
     generator = torch.Generator(model.device).manual_seed(args.seed + 1)
+    prompts, records, n = common.shard(prompts), common.shard(records), len(prompts)  # this rank's share of n
     for temperature in temperatures:
         correct, samples = 0, []
         for i in range(0, len(prompts), args.eval_batch_size):
             ids, mask = common.tokenize_prompts(tokenizer, prompts[i:i + args.eval_batch_size], model.device)
             with autocast():
                 out, lens = generate(model, ids, mask, 1, args.max_new_tokens, temperature, eos_ids, generator)
-            if diag is None and temperature == args.temperature:
+            if diag is None and temperature == args.temperature:  # torchrun: rank 0's ones are logged
                 diag = (ids[:args.diag_size], mask[:args.diag_size], out[:args.diag_size], lens[:args.diag_size])
             for text, rec in zip(common.decode(tokenizer, out, lens), records[i:i + args.eval_batch_size]):
                 ok = common.grade(text, rec["answer"])
                 correct += ok
                 samples.append(dict(question=rec["question"], answer=rec["answer"], completion=text, correct=ok))
-        results[temperature], shown[temperature] = correct / len(prompts), samples[:4]
+        results[temperature], shown[temperature] = common.all_sum(correct) / n, samples[:4]
     with autocast():
         stats = logit_diagnostics(model, *diag, args.entropy_temperature)
     record = {"step": step, "eval/accuracy": results[0.0], "eval/sampled_accuracy": results[args.temperature],
               **{f"eval/accuracy_T{t:g}": results[t] for t in temperatures if t in args.eval_temperatures},
               **stats, "eval/time": round(time.perf_counter() - t0, 2)}
     log_step(metrics_file, record)
-    with open(run_dir / "samples.jsonl", "a") as f:
+    with common.open_log(run_dir / "samples.jsonl", "a") as f:
         f.write(json.dumps({"step": step, "greedy": shown[0.0], "sampled": shown[args.temperature]}) + "\n")
     tqdm.write(f"eval step {step}: " + "  ".join(f"acc T={t:g} {results[t]:.1%}" for t in temperatures) + f" | H "
                f"{stats['eval/entropy']:.3f} skew {stats['eval/logit_skew']:.3f} ({time.perf_counter() - t0:.0f}s)")
@@ -354,23 +357,26 @@ def evaluate(model, tokenizer, prompts, records, temperatures, args, eos_ids, au
 def main(argv=None):
     args = parse_args(argv)  # ---- setup: arguments, precision, data, model, optimizer, the training prompt(s) -------
     common.seed_all(args.seed)
-    device = common.resolve_device(args.device)
+    device = common.resolve_device(args.device, distributed=True)  # torchrun: one process per device
     weight_dtype, autocast_dtype = common.resolve_dtype(args.dtype, device)
     autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     run_dir = common.make_run_dir(args, ALGO)
     tokenizer = common.load_tokenizer(args.model)
     train, test, fewshot = common.load_problems(args)
+    if len(test) < common.world_size():  # torchrun: every rank evaluates a share of the held-out problems
+        raise SystemExit(f"error: {len(test)} eval problems for {common.world_size()} processes: raise --eval-size")
     prompt_of = lambda rec: common.build_prompt(tokenizer, rec["question"], fewshot, args.system_prompt)
     test_prompts = [prompt_of(r) for r in test]
     sweep, quick = sorted(set(args.eval_temperatures) | {0.0, args.temperature}), sorted({0.0, args.temperature})
     model = common.add_lora(common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing), args)
-    model.eval()  # no dropout: the sampled responses come from the same function the loss differentiates
+    for name, module in model.named_modules():  # eval mode, no dropout: the sampled responses come from the same
+        module.train("lora_dropout" in name)  # function the loss differentiates (but LoRA's own, --lora-dropout > 0)
     eos_ids = common.stop_token_ids(tokenizer, model)
     common.check_context_length(model, 0, args.max_new_tokens)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / max(1, args.warmup_steps)))
-    generator = torch.Generator(device).manual_seed(args.seed)
-    data_rng, order = random.Random(args.seed), []
+    generator = common.rank_generator(device, args.seed)  # torchrun: each rank its own draws (rank 0: as one process)
+    data_rng, order = random.Random(args.seed), []  # the same draws on every rank
     pool = select_prompts(model, tokenizer, train, prompt_of, args, eos_ids, autocast, generator, run_dir)
     metrics_file, G = common.open_log(run_dir / "metrics.jsonl"), args.num_generations
     print(f"{ALGO}: {len(pool)} training prompt(s), {len(test)} eval problems, {len(fewshot)}-shot, model {args.model} "
@@ -380,17 +386,17 @@ def main(argv=None):
     for step in tqdm(range(1, args.steps + 1), desc=ALGO, dynamic_ncols=True):
         t_step = time.perf_counter()
         # ---- 1. sample G responses for each of P prompt rows (one-shot: P copies of the same prompt) ----------
-        batch = common.next_batch(pool, order, data_rng, args.prompts_per_step)
+        batch = common.shard(common.next_batch(pool, order, data_rng, args.prompts_per_step))  # this rank's share
         prompt_ids, prompt_mask = common.tokenize_prompts(tokenizer, [prompt_of(r) for r in batch], device)  # (P, Lp)
         common.check_context_length(model, prompt_ids.shape[1], args.max_new_tokens)
         with autocast():
             completion_ids, lens = generate(model, prompt_ids, prompt_mask, G, args.max_new_tokens, args.temperature,
                                             eos_ids, generator, 0, args.top_p, args.repetition_penalty)  # (P*G, T)
         mask = completion_mask_from_lens(lens, completion_ids.shape[1])  # (P*G, T)
-        gen_time = time.perf_counter() - t_step
+        gen_time, num_tokens = time.perf_counter() - t_step, common.all_sum(mask.sum())  # all ranks' tokens
         # ---- 2. no reward. Monitoring only, never in the loss: the fraction of the samples graded correct -------
         texts, labels = common.decode(tokenizer, completion_ids, lens), [r["answer"] for r in batch for _ in range(G)]
-        correct = sum(map(common.grade, texts, labels)) / len(texts)
+        correct = common.all_sum(sum(map(common.grade, texts, labels))) / common.all_sum(len(texts))
         # ---- 3. no frozen log-probs (no old or reference policy). 4. one update on the token-mean tau-entropy ---
         t_train = time.perf_counter()
         optimizer.zero_grad(set_to_none=False)
@@ -399,20 +405,23 @@ def main(argv=None):
             with autocast():  # entropy of softmax(logits / tau) over the full vocabulary, with gradient: (b, T)
                 _, entropy = completion_logprobs(model, prompt_ids[ps], prompt_mask[ps], completion_ids[r, :T],
                                                  prompt_index, args.entropy_temperature, entropy_grad=True)
-            loss = em_loss(entropy, mask[r, :T], mask.sum())  # the whole batch's token count: micro-batches sum up
-            stop_if_not_finite(loss.item(), "the loss", step, run_dir)
+            loss = em_loss(entropy, mask[r, :T], num_tokens)  # the whole batch's token count: micro-batches sum up
             loss.backward()  # accumulates: the sum over micro-batches is the full-batch gradient
             loss_sum += loss.item()
+        loss_sum = common.all_sum(loss_sum)  # the whole step's: every rank stops on a non-finite one, before the update
+        stop_if_not_finite(loss_sum, "the loss", step, run_dir)
+        common.all_reduce_gradients(model)  # torchrun: the sum over ranks, i.e. the whole step's gradient
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm))
         stop_if_not_finite(grad_norm, "the gradient norm", step, run_dir)
         optimizer.step()
         scheduler.step()
         train_time, step_time = time.perf_counter() - t_train, time.perf_counter() - t_step
-        # ---- 5. log, evaluate, save ---------------------------------------------------------------------------
+        # ---- 5. log (the whole step: every rank's samples), evaluate, save ------------------------------------
+        trunc = common.all_gather(truncated_rows(completion_ids, lens, eos_ids).float())  # (P*G,) of all ranks
+        lens = common.all_gather(lens.float())
         record = {"step": step, "reward": None, "correct": correct, "loss": loss_sum, "entropy": loss_sum, "updates": 1,
-                  "truncated": float(truncated_rows(completion_ids, lens, eos_ids).float().mean()),
-                  "completion_len": float(lens.float().mean()), "samples_used": len(lens),
-                  "tokens_used": int(mask.sum()), "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+                  "truncated": float(trunc.mean()), "completion_len": float(lens.mean()), "samples_used": len(lens),
+                  "tokens_used": int(num_tokens), "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
                   "gen_time": round(gen_time, 3), "train_time": round(train_time, 3), "step_time": round(step_time, 3),
                   "tokens_per_s": round(float(lens.sum()) / step_time, 1)}
         log_step(metrics_file, record, [("loss", "H_tau", ".4f"), ("correct", "acc", ".3f"), ("completion_len", "len",
@@ -425,7 +434,6 @@ def main(argv=None):
         if args.eval_every and step % args.eval_every == 0 and step != args.steps:
             evaluate(model, tokenizer, test_prompts, test, quick, args, eos_ids, autocast, step, run_dir, metrics_file)
             common.save_model(model, tokenizer, run_dir, args)
-
     after = evaluate(model, tokenizer, test_prompts, test, sweep, args, eos_ids, autocast, args.steps, run_dir,
                      metrics_file)
     common.save_model(model, tokenizer, run_dir, args, final=True)  # --merge-lora: the merged model

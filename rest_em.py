@@ -13,6 +13,7 @@ Iterate I times, starting from the base model theta_0:
 
     python rest_em.py                                # embedded SmolLM2-135M-Instruct, built-in arithmetic, CPU
     python rest_em.py --resume runs/rest_em__0__1700000000 --iterations 4     # continue / extend a run
+    torchrun --nproc-per-node 2 rest_em.py           # data parallel: each process its share of the E-step problems
 """
 import argparse
 import json
@@ -219,7 +220,7 @@ def stop_if_not_finite(value, what, step, run_dir):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# ReST-EM (algorithm logic): the E-step filter, the M-step (its batches, loss and updates), pass@k and maj@k
+# ReST-EM (algorithm logic): the E-step filter, the M-step (batches, loss, updates), pass@k, maj@k; sampling, eval
 # ----------------------------------------------------------------------------------------------------------
 def filter_and_cap(texts, rewards, cap, rng):
     """E-step selection for ONE problem: indices of the samples to keep. Only reward-1 samples, exact duplicates
@@ -255,31 +256,30 @@ def m_step(model, base_state, kept, prompts, tokenizer, args, eos_ids, autocast,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / max(1, args.warmup_steps)))
     batches = m_step_batches(len(kept), args.batch_size, args.epochs, args.steps, rng)
     losses, grad_norms, entropy_sum, tokens = [], [], 0.0, 0
-    for batch in ([kept[i] for i in b] for b in batches):
-        num_tokens = sum(len(ids) for _, ids in batch)  # the whole batch's normalizer
+    for batch in ([kept[i] for i in b] for b in batches):  # torchrun: the same batches on every rank, each split
+        batch, num_tokens = common.shard(batch), sum(len(ids) for _, ids in batch)  # its share; the whole's tokens
         optimizer.zero_grad(set_to_none=False)
         losses.append(0.0)
-        for i in range(0, len(batch), args.micro_batch_size):
-            micro = batch[i:i + args.micro_batch_size]
+        for micro in (batch[i:i + args.micro_batch_size] for i in range(0, len(batch), args.micro_batch_size)):
             problems, device = sorted({p for p, _ in micro}), model.device  # each prompt runs once for its solutions
             prompt_ids, prompt_mask = common.tokenize_prompts(tokenizer, [prompts[p] for p in problems], device)
-            prompt_index = torch.tensor([problems.index(p) for p, _ in micro], device=device)  # (b,) into problems
-            lens = torch.tensor([len(ids) for _, ids in micro], device=device)
-            T = int(lens.max())  # each micro-batch trimmed to its own longest solution
+            index = torch.tensor([problems.index(p) for p, _ in micro], device=device)  # (b,): each one's prompt
+            lens, T = torch.tensor([len(ids) for _, ids in micro], device=device), max(len(ids) for _, ids in micro)
             completion_ids = torch.tensor([ids + [eos_ids[0]] * (T - len(ids)) for _, ids in micro], device=device)
-            mask = completion_mask_from_lens(lens, T)  # (b, T), EOS included
+            mask = completion_mask_from_lens(lens, T)  # (b, T), EOS included; T: the micro-batch's longest solution
             with autocast():  # SFT: log-probs of the raw logits (T = 1), (b, T) each, chunked vocabulary projection
-                logprobs, entropy = completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, prompt_index,
-                                                        1.0)
+                logprobs, entropy = completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, index, 1.0)
             loss = nll_loss(logprobs, mask, num_tokens)
             stop_if_not_finite(loss.item(), "the M-step loss", step, run_dir)
             loss.backward()  # accumulates: the sum over micro-batches is the whole batch's token-mean NLL
             losses[-1] += loss.item()
             entropy_sum, tokens = entropy_sum + float((entropy.detach() * mask).sum()), tokens + int(mask.sum())
+        common.all_reduce_gradients(model)  # torchrun: the sum over ranks, i.e. the whole batch's gradient
         grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)))
         stop_if_not_finite(grad_norms[-1], "the M-step gradient norm", step, run_dir)
         optimizer.step()
         scheduler.step()
+    losses, entropy_sum, tokens = [*map(common.all_sum, losses)], common.all_sum(entropy_sum), common.all_sum(tokens)
     used, mean = {i for b in batches for i in b}, lambda xs: sum(xs) / len(xs) if xs else None
     return {"samples_used": len(used), "tokens_used": sum(len(kept[i][1]) for i in used), "updates": len(batches),
             "epochs": sum(map(len, batches)) / len(kept) if kept else 0.0, "nll_first": (losses or [None])[0],
@@ -305,9 +305,6 @@ def majority_vote(texts, reference):
     return bool(groups) and common.grade(max(groups, key=lambda g: g[1])[2], reference)  # max: the first of ties
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Sampling, resuming, evaluation
-# ----------------------------------------------------------------------------------------------------------
 def sample_with_ids(model, tokenizer, prompts, num_samples, temperature, args, eos_ids, autocast, generator):
     """-> per prompt, num_samples (token ids incl. EOS, text) at top-k --top-k, ~--gen-batch-size rows per call."""
     per_call, results = max(1, args.gen_batch_size // num_samples), []
@@ -324,14 +321,14 @@ def sample_with_ids(model, tokenizer, prompts, num_samples, temperature, args, e
 
 def evaluate(model, tokenizer, test_prompts, test, train_prompts, train_recs, args, eos_ids, autocast, step, run_dir,
              metrics_file):
-    """Held-out greedy and sampled accuracy (n at T), pass@k, maj@k; train problems' greedy accuracy; logged."""
-    t0, generator = time.perf_counter(), torch.Generator(model.device).manual_seed(args.seed + 1)
-    greedy = lambda prompts: [s[0][1] for s in sample_with_ids(model, tokenizer, prompts, 1, 0.0, args, eos_ids,
-                                                                 autocast, generator)]
-    test_greedy, train_greedy = greedy(test_prompts), greedy(train_prompts)
-    sampled = sample_with_ids(model, tokenizer, test_prompts, args.eval_samples, args.temperature, args, eos_ids,
-                               autocast, generator)
-    n, k, mean = args.eval_samples, args.pass_k, lambda xs: sum(xs) / len(xs)
+    """Held-out greedy and sampled accuracy (n at T), pass@k, maj@k; train problems' greedy accuracy; logged.
+    torchrun: each rank evaluates its share of the problems; each mean sums every rank's values and counts."""
+    t0, generator, n_test = time.perf_counter(), torch.Generator(model.device).manual_seed(args.seed + 1), len(test)
+    test_prompts, test, train_prompts, train_recs = map(common.shard, (test_prompts, test, train_prompts, train_recs))
+    sample = lambda prompts, n, T: sample_with_ids(model, tokenizer, prompts, n, T, args, eos_ids, autocast, generator)
+    test_greedy, train_greedy = ([s[0][1] for s in sample(x, 1, 0.0)] for x in (test_prompts, train_prompts))
+    sampled = sample(test_prompts, args.eval_samples, args.temperature)
+    n, k, mean = args.eval_samples, args.pass_k, lambda xs: common.all_sum(sum(xs)) / common.all_sum(len(xs))
     accuracy = lambda texts, recs: mean([common.grade(t, r["answer"]) for t, r in zip(texts, recs)])
     correct = [[common.grade(text, rec["answer"]) for _, text in s] for s, rec in zip(sampled, test)]  # (P, n)
     res = {"step": step, "eval/accuracy": accuracy(test_greedy, test),
@@ -341,19 +338,19 @@ def evaluate(model, tokenizer, test_prompts, test, train_prompts, train_recs, ar
            "eval/k": k, "eval/train_accuracy": accuracy(train_greedy, train_recs),
            "eval/time": round(time.perf_counter() - t0, 2)}
     log_step(metrics_file, res)
-    with open(run_dir / "samples.jsonl", "a") as f:
+    with common.open_log(run_dir / "samples.jsonl", "a") as f:
         f.write(json.dumps({"step": step, "samples": [dict(question=r["question"], answer=r["answer"], greedy=g,
                 sampled=[t for _, t in s[:2]]) for r, g, s in list(zip(test, test_greedy, sampled))[:4]]}) + "\n")
     tqdm.write(f"eval iter {step}: test greedy {res['eval/accuracy']:.1%} | pass@{k} {res['eval/pass@k']:.1%} | maj@{k}"
                f" {res['eval/maj@k']:.1%} | sampled (T={args.temperature}) {res['eval/sampled_accuracy']:.1%} | train "
-               f"greedy {res['eval/train_accuracy']:.1%} ({len(test)} test problems, {res['eval/time']:.0f}s)")
+               f"greedy {res['eval/train_accuracy']:.1%} ({n_test} test problems, {res['eval/time']:.0f}s)")
     return res
 
 
 def main(argv=None):
     args = parse_args(argv)  # ---- setup: arguments, precision, run directory (or the resumed one), data, models ----
     common.seed_all(args.seed)
-    device = common.resolve_device(args.device)
+    device = common.resolve_device(args.device, distributed=True)  # torchrun: one process per device
     weight_dtype, autocast_dtype = common.resolve_dtype(args.dtype, device)
     autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     run_dir, start = Path(args.resume) if args.resume else common.make_run_dir(args, ALGO), 0
@@ -363,19 +360,21 @@ def main(argv=None):
             raise SystemExit(f"error: --resume {run_dir}: no completed iteration to resume from (no state.json/"
                              f"{saved.name}; was it run with --no-save or --merge-lora, or stopped in iteration 1?)")
         start = json.loads((run_dir / "state.json").read_text())["completed_iterations"]
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        (run_dir / "metrics.jsonl").write_text("".join(x + "\n" for x in lines if json.loads(x)["step"] <= start))
-        (run_dir / "args.json").write_text(json.dumps({**vars(args), "resume": None}, indent=2))
+        if common.rank() == 0:  # one writer (torchrun); no other rank reads these files
+            lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+            (run_dir / "metrics.jsonl").write_text("".join(x + "\n" for x in lines if json.loads(x)["step"] <= start))
+            (run_dir / "args.json").write_text(json.dumps({**vars(args), "resume": None}, indent=2))
     tokenizer = common.load_tokenizer(args.model)
     train, test, fewshot = common.load_problems(args)
     random.Random(args.seed).shuffle(train)
     problems = train[:args.prompts_per_step]  # the E-step's problems, fixed for the run (the paper: its train set)
     prompt_of = lambda rec: common.build_prompt(tokenizer, rec["question"], fewshot, args.system_prompt)
     prompts, test_prompts = [prompt_of(r) for r in problems], [prompt_of(r) for r in test]
-    reward_fn, N = common.load_reward_fn(args.reward_fn), args.num_generations
-    rep_prompts, rep_problems = [x for x in prompts for _ in range(N)], [x for x in problems for _ in range(N)]
+    reward_fn, N, mine = common.load_reward_fn(args.reward_fn), args.num_generations, common.shard(prompts)
+    rep_prompts, rep_problems = ([x for x in common.shard(xs) for _ in range(N)] for xs in (prompts, problems))
     model = common.add_lora(common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing), args)
-    model.eval()  # no dropout
+    for name, module in model.named_modules():  # eval mode: no dropout, but LoRA's own with --lora-dropout > 0 (a
+        module.train("lora_dropout" in name)  # plain eval() after add_lora would turn it off; before: peft's wrapper)
     # theta_0, restored at every M-step; LoRA: the start adapter alone (B = 0: the base model; the base stays frozen)
     base_state = {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict().items()
                   if "lora_" in name or not common.is_lora(model)}
@@ -393,25 +392,26 @@ def main(argv=None):
     if start == 0:
         evaluate(*eval_args, 0, run_dir, metrics_file)
     for it in tqdm(range(start + 1, args.iterations + 1), desc=ALGO, dynamic_ncols=True):
-        t_step = time.perf_counter()
-        generator = torch.Generator(device).manual_seed(args.seed * 1000 + it)  # per iteration: resume reproduces
-        rng = random.Random(f"{args.seed}:{it}")
+        t_step, rng = time.perf_counter(), random.Random(f"{args.seed}:{it}")  # per iteration: resume reproduces
+        generator = common.rank_generator(device, args.seed * 1000 + it)  # torchrun: each rank its own draws
         # ---- 1. E-step: sample N solutions per problem from the current policy -------------------------------
-        samples = sample_with_ids(model, tokenizer, prompts, N, args.temperature, args, eos_ids, autocast, generator)
-        lens = [len(ids) for s in samples for ids, _ in s]
+        samples = sample_with_ids(model, tokenizer, mine, N, args.temperature, args, eos_ids, autocast, generator)
         gen_time = time.perf_counter() - t_step
         # ---- 2. binary rewards; D_i = the correct, distinct samples, at most --max-per-problem per problem -------
         rewards = common.compute_rewards(reward_fn, rep_prompts, [t for s in samples for _, t in s], rep_problems)
+        if common.world_size() > 1:  # torchrun: every rank gets all problems' samples and rewards, in problem order
+            torch.distributed.all_gather_object(parts := [None] * common.world_size(), (samples, rewards))
+            samples, rewards = [x for p in parts for x in p[0]], [x for p in parts for x in p[1]]
+        lens = [len(ids) for s in samples for ids, _ in s]
         if any(r not in (0.0, 1.0) for r in rewards):
             raise SystemExit(f"error: ReST-EM needs a binary reward: every value 0 or 1, got {rewards[:8]}...")
         kept = []  # D_i: (problem, token ids incl. EOS)
-        with open(run_dir / f"estep_iter{it}.jsonl", "w") as f:  # every E-step sample, for inspection
+        with common.open_log(run_dir / f"estep_iter{it}.jsonl") as f:  # every E-step sample, for inspection
             for p, s in enumerate(samples):
                 keep = filter_and_cap([t for _, t in s], rewards[p * N:(p + 1) * N], args.max_per_problem, rng)
                 kept += [(p, s[i][0]) for i in keep]
                 f.writelines(json.dumps(dict(problem=p, question=problems[p]["question"], answer=problems[p]["answer"],
-                                             sample=t, reward=rewards[p * N + i], kept=i in keep)) + "\n"
-                             for i, (_, t) in enumerate(s))
+                             sample=t, reward=rewards[p * N + i], kept=i in keep)) + "\n" for i, (_, t) in enumerate(s))
         # ---- 3. no frozen log-probs (SFT). 4. M-step: fine-tune the BASE model on D_i, NLL of solution tokens ----
         t_train = time.perf_counter()
         if not kept:
@@ -432,12 +432,12 @@ def main(argv=None):
                  ("nll_first", "nll", ".3f"), ("nll_last", "->", ".3f"), ("step_time", "s", ".0f")])
         if (args.eval_every and it % args.eval_every == 0) or it == args.iterations:
             evaluate(*eval_args, it, run_dir, metrics_file)
-        if not args.no_save:  # the iterate is the model of the run and the resume point (--merge-lora: the last one)
+        if not args.no_save and common.rank() == 0:  # the iterate: model + resume point (--merge-lora: the last)
             common.save_model(model, tokenizer, run_dir, args, final=it == args.iterations)
             (run_dir / "state.tmp").write_text(json.dumps({"completed_iterations": it}))
             (run_dir / "state.tmp").replace(run_dir / "state.json")  # atomic: never a half-written state.json
-    metrics_file.close()
-    evals = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "eval/accuracy" in r]
+    metrics_file.close()  # read back: rank 0's records (torchrun: the other ranks' file is /dev/null, empty)
+    evals = [r for r in map(json.loads, Path(metrics_file.name).read_text().splitlines()) if "eval/accuracy" in r]
     print("held-out greedy accuracy by iteration: " + " -> ".join(f"{r['eval/accuracy']:.1%}" for r in evals) +
           f"; metrics in {run_dir}")
     return evals
