@@ -368,9 +368,8 @@ def main(argv=None):
     prompt_of = lambda rec: common.build_prompt(tokenizer, rec["question"], fewshot, args.system_prompt)
     test_prompts = [prompt_of(r) for r in test]
     sweep, quick = sorted(set(args.eval_temperatures) | {0.0, args.temperature}), sorted({0.0, args.temperature})
-    model = common.add_lora(common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing), args)
-    for name, module in model.named_modules():  # eval mode, no dropout: the sampled responses come from the same
-        module.train("lora_dropout" in name)  # function the loss differentiates (but LoRA's own, --lora-dropout > 0)
+    model = common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing)
+    model = common.add_lora(model.eval(), args)  # eval: no dropout, samples and loss: one function
     eos_ids = common.stop_token_ids(tokenizer, model)
     common.check_context_length(model, 0, args.max_new_tokens)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)

@@ -372,9 +372,8 @@ def main(argv=None):
     prompts, test_prompts = [prompt_of(r) for r in problems], [prompt_of(r) for r in test]
     reward_fn, N, mine = common.load_reward_fn(args.reward_fn), args.num_generations, common.shard(prompts)
     rep_prompts, rep_problems = ([x for x in common.shard(xs) for _ in range(N)] for xs in (prompts, problems))
-    model = common.add_lora(common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing), args)
-    for name, module in model.named_modules():  # eval mode: no dropout, but LoRA's own with --lora-dropout > 0 (a
-        module.train("lora_dropout" in name)  # plain eval() after add_lora would turn it off; before: peft's wrapper)
+    model = common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing)
+    model = common.add_lora(model.eval(), args)  # eval: no dropout (--lora-dropout: LoRA's own)
     # theta_0, restored at every M-step; LoRA: the start adapter alone (B = 0: the base model; the base stays frozen)
     base_state = {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict().items()
                   if "lora_" in name or not common.is_lora(model)}

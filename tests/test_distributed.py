@@ -62,12 +62,6 @@ def test_prompts_not_divisible_by_the_processes_is_one_clear_line(tiny_model_dir
     # launcher then reports the failed child with a traceback of its own code: not ours)
 
 
-def test_one_process_scripts_refuse_torchrun_with_one_line(tiny_model_dir, tmp_path):
-    cmd = TORCHRUN + [str(ROOT / "em.py"), "--model", tiny_model_dir, "--output-dir", str(tmp_path / "em")]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert result.returncode != 0 and "runs in one process only" in result.stderr
-
-
 @pytest.mark.parametrize("launcher, flags, message", [
     ([sys.executable], ["--fsdp"], "--fsdp shards over several processes: run it under torchrun"),
     (TORCHRUN, ["--fsdp", "--lora-rank", "4"], "--fsdp with --lora-rank: not supported")])
