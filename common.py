@@ -237,13 +237,15 @@ def even_micro_batches(model, batches, pad):
     return [(*b, 1.0) for b in batches] + [(*pad, 0.0)] * (int(n) - len(batches))
 
 
-def param_groups(model):
-    """The optimizer's parameters: model.parameters(), or with --fsdp two groups, the sharded blocks' and the whole
-    rest (fused AdamW cannot mix sharded DTensors and plain tensors in one group)."""
+def param_groups(model, **options):
+    """The optimizer's parameter groups, each with `options` (e.g. lr=...): one, model.parameters(), or with --fsdp
+    two, the sharded blocks' and the whole rest (fused AdamW cannot mix sharded DTensors and plain tensors in one
+    group). A list: groups of several models add up (ppo.py: the actor's and the critic's, each with its lr)."""
     if not is_fsdp(model):
-        return model.parameters()
+        return [{"params": model.parameters(), **options}]
     params = list(model.parameters())
-    return [{"params": [p for p in params if _is_sharded(p)]}, {"params": [p for p in params if not _is_sharded(p)]}]
+    return [{"params": [p for p in params if _is_sharded(p)], **options},
+            {"params": [p for p in params if not _is_sharded(p)], **options}]
 
 
 def clip_grad_norm(model, max_norm) -> float:

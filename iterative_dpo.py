@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "pure-bfloat16"],
                    help="auto/bfloat16: fp32 master weights + bf16 autocast; pure-bfloat16: bf16 weights (warns)")
-    common.add_scale_args(p)  # --gradient-checkpointing, --lora-rank/-alpha/-dropout/-target-modules, --merge-lora
+    common.add_scale_args(p, fsdp=True)  # --gradient-checkpointing, --lora-rank/-alpha/-dropout/-target-modules, --fsdp
     # sampling (one step = one iteration: a generation batch, its pairs, --num-minibatches DPO updates)
     p.add_argument("--steps", type=int, default=40, help="iterations: generation batches, each followed by its updates")
     p.add_argument("--prompts-per-step", type=int, default=4, help="prompts per generation batch")
@@ -323,20 +323,20 @@ def main(argv=None):
     device = common.resolve_device(args.device, distributed=True)  # torchrun: one process per device
     weight_dtype, autocast_dtype = common.resolve_dtype(args.dtype, device)
     autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-    run_dir = common.make_run_dir(args, ALGO)
-    tokenizer = common.load_tokenizer(args.model)
+    run_dir, tokenizer = common.make_run_dir(args, ALGO), common.load_tokenizer(args.model)
     train, test, fewshot = common.load_problems(args)
     prompt_of = lambda rec: common.build_prompt(tokenizer, rec["question"], fewshot, args.system_prompt)
     test_prompts, reward_fn = [prompt_of(r) for r in test], common.load_reward_fn(args.reward_fn)
     model = common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing)
     model = common.add_lora(model.eval(), args)  # eval: no dropout; the reference and policy: one function
-    # --reference initial: a frozen copy of the start model (LoRA: the policy, its adapter off); iteration: the
-    # policy itself (adapter on), before the step's updates
+    # --reference initial: a frozen copy of the start model (LoRA: the policy, its adapter off; --fsdp: whole, frozen:
+    # nothing to shard); iteration: the policy itself (adapter on; --fsdp: sharded), before the step's updates
     ref_model = common.reference_model(model) if args.reference == "initial" else model
-    eos_ids = common.stop_token_ids(tokenizer, model)
+    model, eos_ids = common.shard_blocks(model, args), common.stop_token_ids(tokenizer, model)  # --fsdp: FSDP2
     common.check_context_length(model, 0, args.max_new_tokens)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(common.param_groups(model), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / max(1, args.warmup_steps)))
+    common.gather_blocks(model, True)  # --fsdp: whole blocks for sampling, evaluation, no-grad forwards
     generator, data_rng, order = common.rank_generator(device, args.seed), random.Random(args.seed), []
     pair_rng = random.Random(args.seed + 2)  # the same on every rank: each pairs the whole step (below)
     metrics_file, G, P_all = common.open_log(run_dir / "metrics.jsonl"), args.num_generations, args.prompts_per_step
@@ -360,34 +360,37 @@ def main(argv=None):
         updates = [pairs[k * len(pairs) // n_mb:(k + 1) * len(pairs) // n_mb] for k in range(n_mb)]
         # ---- 3. frozen log-probs: pi_ref of every paired completion, before any update (T = 1: DPO's policy) -----
         t_train, frozen = time.perf_counter(), (prompt_ids, prompt_mask, completion_ids, 1.0, autocast)
-        batches = micro_batches(rows, G, args.micro_batch_prompts, lens)
+        batches, pad = micro_batches(rows, G, args.micro_batch_prompts, lens), micro_batches([0], G, 1, lens)[0]
         with common.adapter_off(ref_model if args.reference == "initial" else None):  # iteration: the adapter on
             ref_seq = sequence_logprobs(frozen_logprobs(ref_model, batches, *frozen)[0], mask)  # (P*G,) summed
-        # ---- 4. optimizer updates: the pairs split into --num-minibatches mini-batches --------------------------
+        common.gather_blocks(model, False)  # ---- 4. optimizer updates (--fsdp: sharded): --num-minibatches of pairs
         stats = dict.fromkeys(("loss", "entropy_sum", "tokens", "grad_norm"), 0.0)
         for update_pairs in updates:
-            optimizer.zero_grad(set_to_none=False)
+            model.zero_grad(set_to_none=False)  # (not the optimizer's foreach zeroing: --fsdp mixes tensor types)
             update_rows = sorted(row for pair in update_pairs for row in pair)
             num_pairs = common.all_sum(len(update_pairs))  # the DPO mean's count: the update's pairs on every rank
-            for ps, prompt_index, r, T in micro_batches(update_rows, G, args.micro_batch_prompts, lens):
+            for ps, prompt_index, r, T, live in common.even_micro_batches(  # --fsdp: as many on every rank
+                    model, micro_batches(update_rows, G, args.micro_batch_prompts, lens), pad):
                 with autocast():
                     logprobs, entropy = completion_logprobs(model, prompt_ids[ps], prompt_mask[ps],
                                                             completion_ids[r, :T], prompt_index, 1.0)
-                mb_pairs = [pair for pair in update_pairs if pair[0] // G in ps]  # a pair's rows share a prompt
-                chosen, rejected = pair_sequence_logprobs(sequence_logprobs(logprobs, mask[r, :T]), r, mb_pairs)
+                m = mask[r, :T] * live  # (b, T); a pad pass (live 0) has no pair and counts no token
+                mb_pairs = [pair for pair in update_pairs if pair[0] // G in ps and live]  # its rows share a prompt
+                chosen, rejected = pair_sequence_logprobs(sequence_logprobs(logprobs, m), r, mb_pairs)
                 w, l = [w for w, _ in mb_pairs], [l for _, l in mb_pairs]
                 loss, _ = dpo_loss(chosen, rejected, ref_seq[w], ref_seq[l], args.beta, num_pairs=num_pairs)
                 stop_if_not_finite(loss.item(), "the loss", step, run_dir)
                 loss.backward()  # accumulates: the sum over micro-batches is the mini-batch gradient
-                s = dict(loss=loss.item() / len(updates), entropy_sum=float((entropy.detach() * mask[r, :T]).sum()),
-                         tokens=float(mask[r, :T].sum()))
+                s = dict(loss=loss.item() / len(updates), entropy_sum=float((entropy.detach() * m).sum()),
+                         tokens=float(m.sum()))
                 stats = {key: stats[key] + s.get(key, 0.0) for key in stats}
             common.all_reduce_gradients(model)  # torchrun: the sum over ranks, i.e. the whole update's gradient
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm))
+            grad_norm = common.clip_grad_norm(model, args.max_grad_norm)  # (--fsdp: over every rank's shard)
             stop_if_not_finite(grad_norm, "the gradient norm", step, run_dir)
             stats["grad_norm"] += grad_norm / len(updates)
             optimizer.step()
             scheduler.step()
+        common.gather_blocks(model, True)
         stats = {k: v if k == "grad_norm" else common.all_sum(v) for k, v in stats.items()}  # the whole step's sums
         implicit = {}  # the implicit rewards after this iteration's updates, on its pairs (one no-grad forward)
         if all_pairs:  # (before the first update h_w = h_l = 0 with the iteration's reference: nothing to measure)

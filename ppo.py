@@ -40,7 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "pure-bfloat16"],
                    help="auto/bfloat16: fp32 master weights + bf16 autocast; pure-bfloat16: bf16 weights (warns)")
-    common.add_scale_args(p)  # --gradient-checkpointing, --lora-rank/-alpha/-dropout/-target-modules, --merge-lora
+    common.add_scale_args(p, fsdp=True)  # --gradient-checkpointing, --lora-rank/-alpha/-dropout/-target-modules, --fsdp
     # sampling
     p.add_argument("--steps", type=int, default=40, help="generation batches (each: minibatches x epochs updates)")
     p.add_argument("--prompts-per-step", type=int, default=4, help="prompts per generation batch")
@@ -341,21 +341,22 @@ def main(argv=None):
     device = common.resolve_device(args.device, distributed=True)  # torchrun: one process per device
     weight_dtype, autocast_dtype = common.resolve_dtype(args.dtype, device)
     autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-    run_dir = common.make_run_dir(args, ALGO)
-    tokenizer = common.load_tokenizer(args.model)
+    run_dir, tokenizer = common.make_run_dir(args, ALGO), common.load_tokenizer(args.model)
     train, test, fewshot = common.load_problems(args)
     prompt_of = lambda rec: common.build_prompt(tokenizer, rec["question"], fewshot, args.system_prompt)
     test_prompts, reward_fn = [prompt_of(r) for r in test], common.load_reward_fn(args.reward_fn)
     model = common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing)
     model = common.add_lora(model.eval(), args)  # eval: no dropout (N+ details), pi_old = pi_theta (--lora-dropout on)
-    ref_model = common.reference_model(model)  # pi_ref, the frozen start (LoRA: adapter off; KL logged at beta 0 too)
+    ref_model = common.reference_model(model)  # pi_ref, the frozen start (LoRA: adapter off; --fsdp: whole, frozen)
     critic = build_critic(args.model, device, weight_dtype, args.gradient_checkpointing).eval()
     critic["trunk"] = common.add_lora(critic["trunk"], args, decoder=critic["trunk"])  # LoRA: its own; the head: full
+    model, critic["trunk"] = common.shard_blocks(model, args), common.shard_blocks(critic["trunk"], args)  # --fsdp
     eos_ids = common.stop_token_ids(tokenizer, model)
     common.check_context_length(model, 0, args.max_new_tokens)
-    groups = [{"params": model.parameters(), "lr": args.lr}, {"params": critic.parameters(), "lr": args.critic_lr}]
+    groups = common.param_groups(model, lr=args.lr) + common.param_groups(critic, lr=args.critic_lr)
     optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, fused=True)  # the critic's lr: its own
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / max(1, args.warmup_steps)))
+    actor_critic = common.gather_blocks(torch.nn.ModuleList([model, critic]), True)  # --fsdp: whole, for no-grad
     generator, data_rng, order = common.rank_generator(device, args.seed), random.Random(args.seed), []
     metrics_file, G, P_all = common.open_log(run_dir / "metrics.jsonl"), args.num_generations, args.prompts_per_step
     print(f"{ALGO}: {len(train)} train / {len(test)} eval problems, {len(fewshot)}-shot, model {args.model} on "
@@ -382,14 +383,15 @@ def main(argv=None):
         token_rewards[torch.arange(len(lens), device=device), lens - 1] += rewards
         advantages, returns = gae_advantages(token_rewards, old_values, mask, args.gamma, args.lam)
         advantages = masked_whiten(advantages, mask)  # over the whole generation batch, every rank's (verl, TRL)
-        # ---- 3. updates: mini-batches of whole prompts in sampling order (verl; torchrun: each rank's k-th slice) --
+        common.gather_blocks(actor_critic, False)  # ---- 3. updates (--fsdp: sharded): mini-batches of whole prompts
         P, n_mb, warmup = len(batch), min(args.num_minibatches, len(batch)), step <= args.critic_warmup_steps
         updates = [list(range(k * P // n_mb * G, (k + 1) * P // n_mb * G)) for k in range(n_mb)] * args.num_ppo_epochs
         stats = collections.Counter()  # sums over micro-batches and updates
         for update_rows in updates:
             num_tokens = common.all_sum(mask[update_rows].sum())  # both: token-means over the mini-batch, all ranks'
-            for ps, idx, r, T in micro_batches(update_rows, G, args.micro_batch_prompts, lens):
-                part, m = (prompt_ids[ps], prompt_mask[ps], completion_ids[r, :T], idx), mask[r, :T]
+            for ps, idx, r, T, live in common.even_micro_batches(  # --fsdp: as many on every rank (a pad counts 0)
+                    model, micro_batches(update_rows, G, args.micro_batch_prompts, lens), batches[0]):
+                part, m = (prompt_ids[ps], prompt_mask[ps], completion_ids[r, :T], idx), mask[r, :T] * live
                 with autocast():
                     values = completion_values(critic, *part)
                     with torch.set_grad_enabled(not warmup):  # critic warm-up: the actor's loss is only measured
@@ -405,11 +407,12 @@ def main(argv=None):
             for key, net in (("grad_norm", model), ("value_grad_norm", critic)):  # each clipped on its own (verl)
                 if net is critic or not warmup:  # torchrun: the sum over ranks (warm-up: the actor's grads stay None)
                     common.all_reduce_gradients(net)
-                stats[key] += float(torch.nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm))
+                stats[key] += common.clip_grad_norm(net, args.max_grad_norm)  # (--fsdp: over every rank's shard)
             stop_if_not_finite(stats["grad_norm"] + stats["value_grad_norm"], "the gradient norm", step, run_dir)
             optimizer.step()  # the actor has no grads (None) during the critic warm-up: AdamW leaves it untouched
             scheduler.step()
-            optimizer.zero_grad()
+            optimizer.zero_grad()  # to None (no foreach zeroing, which could not mix --fsdp's DTensors and tensors)
+        common.gather_blocks(actor_critic, True)
         train_time, step_time = time.perf_counter() - t_train, time.perf_counter() - t_step
         stats = {k: v if "norm" in k else common.all_sum(v) for k, v in stats.items()}  # ---- 4. log, eval, save
         tok = [common.all_gather(torch.nn.functional.pad(x, (0, args.max_new_tokens - x.shape[1])))
