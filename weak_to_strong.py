@@ -134,7 +134,7 @@ class TransformerWithHead(torch.nn.Module):
         self.trunk = lm.base_model  # e.g. LlamaModel: embeddings + decoder layers + final norm, no LM head
         if num_layers:  # the weak model: only the first `num_layers` blocks (the final norm is kept)
             if num_layers > len(self.trunk.layers):
-                raise SystemExit(f"error: --weak-layers {num_layers}: the model has {len(self.trunk.layers)} layers")
+                raise SystemExit(f"error: --weak-layers {num_layers}: only {len(self.trunk.layers)} layers exist")
             self.trunk.layers = self.trunk.layers[:num_layers]
             self.trunk.config.num_hidden_layers = num_layers
             if getattr(self.trunk.config, "layer_types", None):
