@@ -11,7 +11,7 @@ Lightman et al. 2023, "Let's Verify Step by Step" (https://arxiv.org/abs/2305.20
        majority, ORM / PRM (min_s p_s, prod_s p_s) best-of-N, ORM- / PRM-weighted majority; the verifiers' AUC
 
     python verifier.py                              # embedded SmolLM2-135M-Instruct, built-in 'chain' task, CPU
-    OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 verifier.py   # data parallel (more commands: docs/verifier.md)
+    OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 verifier.py [--fsdp]   # data parallel (more: docs/verifier.md)
 """
 import argparse
 import contextlib
@@ -47,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "pure-bfloat16"],
                    help="auto/bfloat16: fp32 master weights + bf16 autocast; pure-bfloat16: bf16 weights (warns)")
-    common.add_scale_args(p)  # --gradient-checkpointing, --lora-rank/-alpha/-dropout/-target-modules, --merge-lora
+    common.add_scale_args(p, fsdp=True)  # --fsdp, --gradient-checkpointing, --lora-rank/-alpha/..., --merge-lora
     p.add_argument("--n-train", type=int, default=64, help="training problems (each sampled --num-generations times)")
     p.add_argument("--num-generations", type=int, default=8, help="solutions sampled per training problem")
     p.add_argument("--max-new-tokens", type=int, default=48, help="completion length cap")
@@ -289,7 +289,7 @@ def train_verifier(kind, model, tokenizer, data, heldout, args, autocast, run_di
     """Fine-tune the ORM (outcomes, last token) or PRM (steps, their newlines): BCE, AdamW; both: the same batches."""
     device, n = next(model.parameters()).device, len(data["steps"])
     nsteps = args.steps or math.ceil(args.epochs * n / args.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(common.param_groups(model), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     schedule = lambda u: min(1.0, (u + 1) / max(1, args.warmup_steps)) * 0.5 * (1 + math.cos(math.pi * u / nsteps))
     scheduler, data_rng, order = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), random.Random(args.seed), []
     for step in tqdm(range(1, nsteps + 1), desc=kind, dynamic_ncols=True, disable=common.rank() > 0):
@@ -300,16 +300,15 @@ def train_verifier(kind, model, tokenizer, data, heldout, args, autocast, run_di
         picks = [(b, e[-1], data["correct"][i]) for b, (i, e) in enumerate(zip(batch, ends))] if kind == "orm" else \
             [(b, e[s], y) for b, (i, e) in enumerate(zip(batch, ends)) for s, y in enumerate(data["step_labels"][i])]
         rows, cols, labels = (torch.tensor(x, device=device) for x in zip(*picks))
-        # ---- 2. the loss, the update; 3. log, evaluate -------------------------------------------------------------
+        common.gather_blocks(model, False)  # ---- 2. the loss, the update (--fsdp: sharded blocks); 3. log, evaluate
         with autocast():
             logits = model(ids, mask, rows, cols)  # (n_labels,) fp32
         n_labels = int(common.all_sum(len(labels)))  # the whole batch's (every rank's) solutions or labelled steps
         loss = bce_loss(logits, labels) * (len(labels) / n_labels)  # the batch mean: this rank's sum / n_labels
         stop_if_not_finite(loss_value := common.all_sum(loss.item()), f"the {kind} loss", step, run_dir)  # all or none
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        optimizer.zero_grad(set_to_none=True), loss.backward()
         common.all_reduce_gradients(model)  # torchrun: trunk and head, summed over ranks = the whole batch's gradient
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm))
+        grad_norm = common.clip_grad_norm(model, args.max_grad_norm)  # (--fsdp: of the whole gradient, every shard)
         stop_if_not_finite(grad_norm, f"the {kind} gradient norm", step, run_dir)
         optimizer.step(), scheduler.step()
         acc, pos = (float(common.all_sum(x.float().sum()) / n_labels) for x in ((logits > 0) == labels.bool(), labels))
@@ -327,6 +326,7 @@ def verifier_metrics(kind, model, tokenizer, heldout, args, autocast, step, metr
     """-> P(correct) at each step of each held-out solution (ORM score: the last); logged: AUC and accuracy (p > 0.5)
     of the ORM's or the PRM's product score vs the outcomes and, with step labels, of the PRM's step probabilities."""
     t0, probs, bs, device = time.perf_counter(), [], 4 * args.eval_batch_size, next(model.parameters()).device
+    common.gather_blocks(model, True)  # --fsdp: whole blocks (the ranks may run different numbers of forwards)
     for i in common.shard(range(0, len(heldout["steps"]), bs)):  # torchrun: this rank's forwards (the same batches)
         ids, mask, ends = verifier_batch(tokenizer, heldout["questions"][i:i + bs], heldout["steps"][i:i + bs], device)
         rows, cols = (torch.tensor(x, device=device) for x in zip(*[(b, j) for b, e in enumerate(ends) for j in e]))
@@ -364,8 +364,7 @@ def evaluate(heldout, probs, args, run_dir, metrics_file):
     lines = [f"| held-out accuracy, % ({len(scores['orm'])} problems) | " + " | ".join(f"N = {n}" for n in ns) + " |",
              "|---|" + "---|" * len(ns)] + [f"| {label} | " + " | ".join(f"{100 * table[n][k]:.1f}" for n in ns) + " |"
                                             for k, label in METHODS.items()]
-    print("\n".join(lines))
-    (run_dir / "best_of_n.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines)), (run_dir / "best_of_n.md").write_text("\n".join(lines) + "\n")
     (run_dir / "best_of_n.json").write_text(json.dumps({"n": ns, "accuracy": table}, indent=2))
     with contextlib.suppress(ImportError):  # the plot is optional
         import matplotlib.pyplot as plt
@@ -418,28 +417,29 @@ def main(argv=None):
                                 "data/no_answer": answers.count(None) / len(correct), "gen_time": round(gen_time, 1),
                                 "data/step_correct": sum(map(sum, labels)) / sum(map(len, labels)) if labels else None},
                  [(k, k.split("/")[-1], ".3f") for k in ("correct", "data/no_answer", "data/step_correct", "gen_time")])
-    del model, complete
-    # ---- 2. the ORM and the PRM: the same start, the same solutions in the same order ------------------------------
+    del model, complete  # ---- 2. the ORM and the PRM: the same start, the same solutions in the same order -------
     probs, tokenizer = {}, common.load_tokenizer(args.verifier_model)  # the verifiers' (the generator is done)
     for kind in ("orm", "prm"):  # eval mode: no dropout. LoRA: on the trunk (the same start for both), the head full
         torch.manual_seed(args.seed)
         verifier = ScalarHeadVerifier(common.load_model(args.verifier_model, device, weight_dtype,
                                                         args.gradient_checkpointing)).eval()
         verifier.trunk = common.add_lora(verifier.trunk, args, decoder=verifier.trunk)  # after eval(): LoRA dropout on
+        common.shard_blocks(verifier.trunk, args)  # --fsdp: FSDP2 on the trunk's blocks (the head stays whole)
         probs[kind] = train_verifier(kind, verifier, tokenizer, data["train"], data["eval"], args, autocast, run_dir,
                                      metrics_file)
-        if not args.no_save and common.rank() == 0:  # one writer: trunk + head (fp32 master weights), one file each
+        if not args.no_save:  # trunk + head (fp32 master weights), one file each (every rank: --fsdp gathers blocks)
             out, lora = run_dir / "model", common.is_lora(verifier.trunk)  # (LoRA: the head, the adapter (peft) in
             if lora and args.merge_lora:  # <kind>_adapter/; --merge-lora: the adapter merged, the full trunk + head)
                 verifier.trunk, lora = verifier.trunk.merge_and_unload(), False
-            out.mkdir(exist_ok=True), lora and verifier.trunk.save_pretrained(out / f"{kind}_adapter")
-            save_file({k: v.detach().cpu() for k, v in verifier.state_dict().items() if not lora or k[:5] == "head."},
-                      str(out / f"{kind}.safetensors"))
+            state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()  # (DTensor: a collective)
+                     for k, v in verifier.state_dict().items() if not lora or k[:5] == "head."}
+            if common.rank() == 0:  # one writer
+                out.mkdir(exist_ok=True), lora and verifier.trunk.save_pretrained(out / f"{kind}_adapter")
+                save_file(state, str(out / f"{kind}.safetensors"))
         del verifier
     # ---- 3. rerank the held-out solutions ----------------------------------------------------------------------
     table = evaluate(data["eval"], probs, args, run_dir, metrics_file) if common.rank() == 0 else None  # one writer
-    metrics_file.close()
-    print(f"metrics and table in {run_dir} ({time.perf_counter() - t_start:.0f}s)")
+    metrics_file.close(), print(f"metrics and table in {run_dir} ({time.perf_counter() - t_start:.0f}s)")
     return table
 
 

@@ -20,7 +20,7 @@ The three strong runs start from the same weights and see the same batches of ha
 
     python weak_to_strong.py                        # embedded SmolLM2-135M (strong) vs its first 6 layers (weak), CPU
     for s in 0 1; do python weak_to_strong.py --seed $s --output-dir runs/w2s_s$s; done    # several seeds
-    OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 weak_to_strong.py   # data parallel: each batch split over 2 ranks
+    OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 weak_to_strong.py [--fsdp]   # data parallel: each batch split in 2
     python weak_to_strong.py --weak-model Qwen/Qwen2.5-0.5B --weak-layers 0 --strong-model Qwen/Qwen2.5-7B \
         --lr 1e-5 --dataset my_problems.jsonl --gradient-checkpointing                   # a GPU with network
 Saved models: OUTPUT_DIR/model/w2s_{xent,aux}.safetensors (trunk + head; LoRA: the head, the adapter in
@@ -69,7 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "pure-bfloat16"],
                    help="auto/bfloat16: fp32 master weights + bf16 autocast; pure-bfloat16: bf16 weights (warns)")
-    common.add_scale_args(p)  # --gradient-checkpointing, --lora-rank/-alpha/-dropout/-target-modules, --merge-lora
+    common.add_scale_args(p, fsdp=True)  # --fsdp, --gradient-checkpointing, --lora-rank/-alpha/..., --merge-lora
     # optimization (the paper code's defaults: batch 32, 2 epochs, Adam, cosine annealing, no warm-up)
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of the strong runs (see docs)")
     p.add_argument("--weak-lr", type=float, default=5e-5, help="Adam learning rate of the weak model (see docs)")
@@ -134,8 +134,7 @@ class TransformerWithHead(torch.nn.Module):
         self.trunk = lm.base_model  # e.g. LlamaModel: embeddings + decoder layers + final norm, no LM head
         if num_layers:  # the weak model: only the first `num_layers` blocks (the final norm is kept)
             if num_layers > len(self.trunk.layers):
-                raise SystemExit(f"error: --weak-layers {num_layers}: the model has only {len(self.trunk.layers)} "
-                                 "layers")
+                raise SystemExit(f"error: --weak-layers {num_layers}: only {len(self.trunk.layers)} layers exist")
             self.trunk.layers = self.trunk.layers[:num_layers]
             self.trunk.config.num_hidden_layers = num_layers
             if getattr(self.trunk.config, "layer_types", None):
@@ -163,18 +162,20 @@ def last_token_state(hidden, attention_mask):
 
 
 def save_classifier(model, path, dtype=None, merge=False):
-    """Trunk + head weights (as trained, or cast to dtype) as one safetensors file, written beside `path` and
-    renamed into place (atomic). A LoRA trunk: the head alone there and the trunk's adapter (peft) in
-    <name>_adapter/; with merge (--merge-lora) the adapter is merged into the trunk first (in place) and saved full."""
+    """Trunk + head weights (as trained, or cast to dtype) as one safetensors file, written by rank 0 beside `path`,
+    renamed into place (atomic); every rank calls it (--fsdp: all gather the blocks). A LoRA trunk: the head, the
+    adapter (peft) in <name>_adapter/; with merge (--merge-lora) the adapter is merged in first and saved full."""
     path, lora = Path(path), common.is_lora(model.trunk)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if lora and merge:
         model.trunk, lora = model.trunk.merge_and_unload(), False
+    state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().to(dtype or v.dtype).contiguous().cpu()
+             for k, v in model.state_dict().items() if not lora or k.startswith("head.")}  # (a DTensor: a collective)
+    if common.rank() > 0:  # one writer
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
     if lora:
         common.save_pretrained_atomic(model.trunk, None, path.with_name(f"{path.stem}_adapter"))
     tmp = path.with_name(f".{path.name}.tmp")
-    state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()
-             if not lora or k.startswith("head.")}
     save_file(state, str(tmp))
     os.replace(tmp, path)
 
@@ -265,6 +266,7 @@ def predict_probs(model, tokenizer, texts, batch_size, autocast, device):
     """Class probabilities (N, 2) in float32, `batch_size` texts per forward. torchrun: each rank runs its share of
     the forwards, and every rank gets all N rows, in order."""
     out = [torch.zeros(0, 2, device=device)]
+    common.gather_blocks(model, True)  # --fsdp: whole blocks (the ranks may run different numbers of forwards)
     for i in common.shard(range(0, len(texts), batch_size)):  # torchrun: this rank's forwards (the same batches)
         with autocast():
             out.append(torch.softmax(model(*tokenize_texts(tokenizer, texts[i:i + batch_size], device)), -1))
@@ -291,7 +293,7 @@ def train_run(phase, model, tokenizer, texts, targets, labels, test, args, lr, a
     (same half B) see the same batches in the same order. -> (test accuracy, test probabilities (N_test, 2))."""
     device, n = next(model.parameters()).device, len(texts)
     nsteps = args.steps or max(1, args.epochs * n // args.batch_size)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+    optimizer = torch.optim.Adam(common.param_groups(model), lr=lr, fused=True)  # (--fsdp: two groups)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=nsteps)
     data_rng, order = random.Random(args.seed), []
     for step in tqdm(range(1, nsteps + 1), desc=phase, dynamic_ncols=True, disable=common.rank() > 0):
@@ -300,7 +302,7 @@ def train_run(phase, model, tokenizer, texts, targets, labels, test, args, lr, a
         mine = common.shard(rows)  # torchrun: this rank's b = B / N of them (all B in one process)
         ids, mask = tokenize_texts(tokenizer, [texts[i] for i in mine], device)  # (b, L)
         target = targets[mine].to(device)  # (b, 2)
-        # ---- 2. the loss over the whole batch (the aux threshold is a statistic of all B examples) -----------
+        common.gather_blocks(model, False)  # ---- 2. the loss over the whole batch (--fsdp: on the sharded blocks)
         with autocast():
             logits = model(ids, mask)  # (b, 2) fp32
         batch_logits, alpha = common.all_gather(logits.detach()), None  # (B, 2): every rank's rows, in batch order
@@ -310,14 +312,12 @@ def train_run(phase, model, tokenizer, texts, targets, labels, test, args, lr, a
         loss = soft_ce(logits, target) * (len(mine) / len(rows))  # the batch mean: this rank's sum / B
         loss_value = common.all_sum(loss.item())  # the whole batch's loss (every rank stops, or none)
         stop_if_not_finite(loss_value, f"the {phase} loss", step, run_dir)
-        # ---- 3. the update --------------------------------------------------------------------------------------
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)  # ---- 3. the update -----------------------------------------------
         loss.backward()
         common.all_reduce_gradients(model)  # torchrun: trunk and head, summed over ranks = the whole batch's gradient
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))  # measured, not clipped
+        grad_norm = common.clip_grad_norm(model, float("inf"))  # measured, not clipped (--fsdp: over every shard)
         stop_if_not_finite(grad_norm, f"the {phase} gradient norm", step, run_dir)
-        optimizer.step()
-        scheduler.step()
+        optimizer.step(), scheduler.step()
         # ---- 4. log, evaluate -------------------------------------------------------------------------------------
         pred = batch_logits.argmax(-1).cpu()  # (B,) the whole batch: the record describes every rank's rows
         record = {"phase": phase, "step": step, "loss": loss_value, "alpha": alpha, "lr": scheduler.get_last_lr()[0],
@@ -398,6 +398,7 @@ def main(argv=None):
         model = TransformerWithHead(common.load_model(name, device, weight_dtype, args.gradient_checkpointing), layers)
         model.eval()  # dropout off, as in the paper's code (train.py calls model.eval() during training)
         model.trunk = common.add_lora(model.trunk, args, decoder=model.trunk)  # after eval(): --lora-dropout is on
+        common.shard_blocks(model.trunk, args)  # --fsdp: FSDP2 on the trunk's blocks (the head stays whole)
         return model
     weak = classifier(args.weak_model, args.weak_layers)
     acc_weak, test["weak_probs"] = train_run("weak", weak, weak_tok, texts_a, one_hot(half_a), labels(half_a), test,
@@ -418,7 +419,7 @@ def main(argv=None):
         strong = classifier(args.model)  # the same start (and LoRA adapter start) in each run
         results[phase], _ = train_run(phase, strong, strong_tok, texts_b, targets, labels_b, test, args, args.lr,
                                       autocast, run_dir, metrics_file)
-        if phase != "ceiling" and not args.no_save and common.rank() == 0:  # one writer
+        if phase != "ceiling" and not args.no_save:  # every rank (--fsdp: all gather the blocks); rank 0 writes
             save_classifier(strong, run_dir / "model" / f"{phase}.safetensors",
                             getattr(torch, args.save_dtype) if args.save_dtype else None, args.merge_lora)
         del strong

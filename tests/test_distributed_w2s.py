@@ -1,7 +1,8 @@
-"""weak_to_strong.py and verifier.py under torchrun (2 processes, CPU, gloo): the same run as one process (the saved
-weights within rtol 1e-4, the logged step metrics equal; verifier.py on fixed samples, tests/dist_harness_w2s.py),
-rank 0 alone prints and logs, a real 2-step verifier run, a batch the processes cannot split is one clear line; and
---lora-dropout is on after setup (model.eval() comes before common.add_lora)."""
+"""weak_to_strong.py and verifier.py under torchrun (2 processes, CPU, gloo): the same run as one process, data
+parallel and with --fsdp (every trained trunk's blocks sharded; the saved weights within rtol 1e-4, the logged step
+metrics equal; verifier.py on fixed samples, tests/dist_harness_w2s.py), rank 0 alone prints and logs, a real 2-step
+verifier run, a batch the processes cannot split and --fsdp in one process are one clear line; and --lora-dropout is
+on after setup (model.eval() comes before common.add_lora)."""
 import json
 import os
 import subprocess
@@ -22,6 +23,9 @@ W2S = ["--weak-layers", "1", "--dataset", "arith:add:1", "--n-train", "64", "--b
 VERIFIER = ["--n-train", "4", "--num-generations", "4", "--batch-size", "8", "--steps", "2", "--eval-every", "1",
             "--eval-size", "4", "--eval-n", "4", "--eval-subsets", "8", "--eval-batch-size", "2", "--lr", "1e-2",
             "--dtype", "float32", "--seed", "0"]
+VERIFIER_FIXED = [*VERIFIER, "--max-new-tokens", "64", "--lr", "1e-3"]  # (Adam's first step: about lr x sign(g), so
+# a g ~ eps moves by up to lr x its rounding: a small lr keeps that under atol)
+MODES = {"ddp": [], "fsdp": ["--fsdp"]}  # data parallel; --fsdp: also the trained trunks' blocks sharded (FSDP2)
 
 
 def run(launcher, script, out, *args, ok=True):
@@ -40,6 +44,21 @@ def assert_same(one, two, keys):
             assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-6), (r1["phase"], r1["step"], key)
 
 
+@pytest.fixture(scope="module")
+def w2s_one(tiny_model_dir, tmp_path_factory):
+    """The one-process weak_to_strong.py run that both 2-process cases reproduce: (its directory, its records)."""
+    out = tmp_path_factory.mktemp("w2s") / "one"
+    return out, run([sys.executable], "weak_to_strong.py", out, "--weak-model", tiny_model_dir, "--strong-model",
+                    tiny_model_dir, *W2S)[1]
+
+
+@pytest.fixture(scope="module")
+def verifier_one(tiny_model_dir, tmp_path_factory):
+    """The one-process verifier.py run on fixed samples that both 2-process cases reproduce: (directory, records)."""
+    out = tmp_path_factory.mktemp("verifier") / "one"
+    return out, run([sys.executable], "tests/dist_harness_w2s.py", out, "--model", tiny_model_dir, *VERIFIER_FIXED)[1]
+
+
 def assert_same_weights(a, b):
     a, b = load_file(str(a)), load_file(str(b))
     assert a.keys() == b.keys()
@@ -47,12 +66,14 @@ def assert_same_weights(a, b):
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6)
 
 
-def test_weak_to_strong_two_processes_make_the_one_process_runs(tiny_model_dir, tmp_path):
-    model = ["--weak-model", tiny_model_dir, "--strong-model", tiny_model_dir]
-    _, one = run([sys.executable], "weak_to_strong.py", tmp_path / "one", *model, *W2S)
-    result, two = run(TORCHRUN, "weak_to_strong.py", tmp_path / "two", *model, *W2S)
+@pytest.mark.parametrize("mode", MODES)
+def test_weak_to_strong_two_processes_make_the_one_process_runs(mode, w2s_one, tiny_model_dir, tmp_path):
+    (one_dir, one), model = w2s_one, ["--weak-model", tiny_model_dir, "--strong-model", tiny_model_dir]
+    result, two = run(TORCHRUN, "weak_to_strong.py", tmp_path / "two", *model, *W2S, *MODES[mode])
+    sharded = lambda blocks: result.stdout.count(f"fsdp: {blocks} blocks sharded over 2 processes")
+    assert (sharded(1), sharded(2)) == ((1, 3) if mode == "fsdp" else (0, 0))  # the weak trunk; the 3 strong ones
     for name in ("w2s_xent", "w2s_aux"):  # (the aux threshold is a quantile over the whole batch of both ranks)
-        assert_same_weights(tmp_path / "one" / "model" / f"{name}.safetensors",
+        assert_same_weights(one_dir / "model" / f"{name}.safetensors",
                             tmp_path / "two" / "model" / f"{name}.safetensors")
     assert_same(one[:-1], two[:-1], ["loss", "grad_norm", "alpha", "train/acc_gt", "train/agree_target",
                                      "train/p1_mean", "eval/accuracy", "eval/agreement_weak", "weak_label/accuracy",
@@ -65,23 +86,23 @@ def test_weak_to_strong_two_processes_make_the_one_process_runs(tiny_model_dir, 
     assert len(samples) == 4  # one eval per run, written once
 
 
-def test_verifier_two_processes_make_the_one_process_run_on_fixed_samples(tiny_model_dir, tmp_path):
-    fixed = ["--model", tiny_model_dir, *VERIFIER, "--max-new-tokens", "64", "--lr", "1e-3"]  # (Adam's first step:
-    # about lr x sign(g), so a g ~ eps moves by up to lr x its rounding: a small lr keeps that under atol)
-    _, one = run([sys.executable], "tests/dist_harness_w2s.py", tmp_path / "one", *fixed)
+@pytest.mark.parametrize("mode", MODES)
+def test_verifier_two_processes_make_the_one_process_run_on_fixed_samples(mode, verifier_one, tiny_model_dir, tmp_path):
+    (one_dir, one), fixed = verifier_one, ["--model", tiny_model_dir, *VERIFIER_FIXED, *MODES[mode]]
     result, two = run(TORCHRUN, "tests/dist_harness_w2s.py", tmp_path / "two", *fixed)
+    assert result.stdout.count("fsdp: 2 blocks sharded over 2 processes") == (2 if mode == "fsdp" else 0)  # ORM, PRM
     data = [r for r in one if r["phase"] == "data"]
     assert data[0]["correct"] == 0.25 and 0 < data[0]["data/step_correct"] < 1  # the fixed samples: all kinds
     for kind in ("orm", "prm"):
-        assert_same_weights(tmp_path / "one" / "model" / f"{kind}.safetensors",
+        assert_same_weights(one_dir / "model" / f"{kind}.safetensors",
                             tmp_path / "two" / "model" / f"{kind}.safetensors")
     assert_same(one, two, ["correct", "data/no_answer", "data/step_correct", "loss", "grad_norm", "lr", "train/labels",
                            "train/accuracy", "train/positive", "eval/orm_auc", "eval/orm_accuracy", "eval/prm_auc",
                            "eval/prm_accuracy", "eval/prm_step_auc", "eval/prm_step_accuracy", "n",
                            *(f"eval/{m}" for m in verifier.METHODS)])
     assert [r["train/labels"] for r in two if r["phase"] == "orm" and "loss" in r] == [8, 8]  # both ranks' rows
-    table = lambda d: json.loads((tmp_path / d / "best_of_n.json").read_text())
-    assert table("two") == table("one")
+    table = lambda d: json.loads((d / "best_of_n.json").read_text())
+    assert table(tmp_path / "two") == table(one_dir)
     assert result.stdout.count("metrics and table in") == 1
 
 
@@ -101,6 +122,13 @@ def test_a_batch_the_processes_cannot_split_is_one_clear_line(tiny_model_dir, tm
                     ok=False)
     assert "--batch-size 3 must be divisible by the 2 processes" in result.stderr
     assert "weak_to_strong.py\", line" not in result.stderr and "common.py\", line" not in result.stderr
+
+
+@pytest.mark.parametrize("script", [w2s, verifier])
+def test_fsdp_in_one_process_is_one_clear_line(script, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        script.parse_args(["--fsdp"])
+    assert exit_info.value.code == 2 and "--fsdp shards over several processes" in capsys.readouterr().err
 
 
 class Stop(Exception):
