@@ -261,6 +261,19 @@ def clip_grad_norm(model, max_norm) -> float:
     return norm
 
 
+def load_full_state(model, state, strict=True):
+    """model.load_state_dict(state) of whole tensors (a CPU copy of the start weights, say). --fsdp: each sharded
+    block parameter takes its own slice of the whole tensor, split as the parameter is (a DTensor parameter refuses
+    a plain tensor): each rank slices its own copy, one tensor at a time on the device, no communication."""
+    if is_fsdp(model):
+        from torch.distributed.tensor import distribute_tensor
+
+        params = model.state_dict()  # the blocks' parameters as DTensors (placements: how each is split)
+        state = {k: distribute_tensor(v, params[k].device_mesh, params[k].placements, src_data_rank=None)
+                 if _is_sharded(params[k]) else v for k, v in state.items()}
+    return model.load_state_dict(state, strict=strict)
+
+
 def is_fsdp(model) -> bool:
     """The model's blocks are sharded (shard_blocks)."""
     return bool(_fsdp_blocks(model))

@@ -47,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "pure-bfloat16"],
                    help="auto/bfloat16: fp32 master weights + bf16 autocast; pure-bfloat16: bf16 weights (warns)")
-    common.add_scale_args(p)  # --gradient-checkpointing, --lora-rank/-alpha/-dropout/-target-modules, --merge-lora
+    common.add_scale_args(p, fsdp=True)  # --gradient-checkpointing, --lora-rank/-alpha/-dropout/-target-modules, --fsdp
     which = p.add_mutually_exclusive_group()
     which.add_argument("--select-from", type=int, default=16, help="N: select among the first N training rows")
     which.add_argument("--prompt-index", type=int, default=None, help="train on row i (--num-prompts N: i..i+N-1)")
@@ -360,8 +360,7 @@ def main(argv=None):
     device = common.resolve_device(args.device, distributed=True)  # torchrun: one process per device
     weight_dtype, autocast_dtype = common.resolve_dtype(args.dtype, device)
     autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-    run_dir = common.make_run_dir(args, ALGO)
-    tokenizer = common.load_tokenizer(args.model)
+    run_dir, tokenizer = common.make_run_dir(args, ALGO), common.load_tokenizer(args.model)
     train, test, fewshot = common.load_problems(args)
     if len(test) < common.world_size():  # torchrun: every rank evaluates a share of the held-out problems
         raise SystemExit(f"error: {len(test)} eval problems for {common.world_size()} processes: raise --eval-size")
@@ -370,10 +369,11 @@ def main(argv=None):
     sweep, quick = sorted(set(args.eval_temperatures) | {0.0, args.temperature}), sorted({0.0, args.temperature})
     model = common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing)
     model = common.add_lora(model.eval(), args)  # eval: no dropout, samples and loss: one function
-    eos_ids = common.stop_token_ids(tokenizer, model)
+    model, eos_ids = common.shard_blocks(model, args), common.stop_token_ids(tokenizer, model)  # --fsdp: FSDP2
     common.check_context_length(model, 0, args.max_new_tokens)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(common.param_groups(model), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / max(1, args.warmup_steps)))
+    common.gather_blocks(model, True)  # --fsdp: whole blocks for sampling, selection, evaluation, diagnostics
     generator = common.rank_generator(device, args.seed)  # torchrun: each rank its own draws (rank 0: as one process)
     data_rng, order = random.Random(args.seed), []  # the same draws on every rank
     pool = select_prompts(model, tokenizer, train, prompt_of, args, eos_ids, autocast, generator, run_dir)
@@ -397,9 +397,9 @@ def main(argv=None):
         texts, labels = common.decode(tokenizer, completion_ids, lens), [r["answer"] for r in batch for _ in range(G)]
         correct = common.all_sum(sum(map(common.grade, texts, labels))) / common.all_sum(len(texts))
         # ---- 3. no frozen log-probs (no old or reference policy). 4. one update on the token-mean tau-entropy ---
-        t_train = time.perf_counter()
-        optimizer.zero_grad(set_to_none=False)
-        loss_sum = 0.0
+        t_train, loss_sum = time.perf_counter(), 0.0
+        common.gather_blocks(model, False)  # --fsdp: on the sharded blocks (P / N prompts a rank: as many passes)
+        model.zero_grad(set_to_none=False)  # (not the optimizer's foreach zeroing: --fsdp mixes tensor types)
         for ps, prompt_index, r, T in micro_batches(list(range(len(lens))), G, args.micro_batch_prompts, lens):
             with autocast():  # entropy of softmax(logits / tau) over the full vocabulary, with gradient: (b, T)
                 _, entropy = completion_logprobs(model, prompt_ids[ps], prompt_mask[ps], completion_ids[r, :T],
@@ -410,10 +410,11 @@ def main(argv=None):
         loss_sum = common.all_sum(loss_sum)  # the whole step's: every rank stops on a non-finite one, before the update
         stop_if_not_finite(loss_sum, "the loss", step, run_dir)
         common.all_reduce_gradients(model)  # torchrun: the sum over ranks, i.e. the whole step's gradient
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm))
+        grad_norm = common.clip_grad_norm(model, args.max_grad_norm)  # (--fsdp: over every rank's shard)
         stop_if_not_finite(grad_norm, "the gradient norm", step, run_dir)
         optimizer.step()
         scheduler.step()
+        common.gather_blocks(model, True)
         train_time, step_time = time.perf_counter() - t_train, time.perf_counter() - t_step
         # ---- 5. log (the whole step: every rank's samples), evaluate, save ------------------------------------
         trunc = common.all_gather(truncated_rows(completion_ids, lens, eos_ids).float())  # (P*G,) of all ranks

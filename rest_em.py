@@ -13,7 +13,7 @@ Iterate I times, starting from the base model theta_0:
 
     python rest_em.py                                # embedded SmolLM2-135M-Instruct, built-in arithmetic, CPU
     python rest_em.py --resume runs/rest_em__0__1700000000 --iterations 4     # continue / extend a run
-    torchrun --nproc-per-node 2 rest_em.py           # data parallel: each process its share of the E-step problems
+    torchrun --nproc-per-node 2 rest_em.py [--fsdp]  # data parallel: each process its share of the E-step problems
 """
 import argparse
 import json
@@ -48,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "pure-bfloat16"],
                    help="auto/bfloat16: fp32 master weights + bf16 autocast; pure-bfloat16: bf16 weights (warns)")
-    common.add_scale_args(p)  # --gradient-checkpointing, --lora-rank/-alpha/-dropout/-target-modules, --merge-lora
+    common.add_scale_args(p, fsdp=True)  # --gradient-checkpointing, --lora-rank/-alpha/-dropout/-target-modules, --fsdp
     # ReST-EM: E-step
     p.add_argument("--iterations", type=int, default=None, help="EM iterations (default 3; --resume: the new total)")
     p.add_argument("--prompts-per-step", type=int, default=64, help="training problems, the same set at every E-step")
@@ -251,34 +251,36 @@ def m_step_batches(num_kept, batch_size, epochs, steps, rng):
 def m_step(model, base_state, kept, prompts, tokenizer, args, eos_ids, autocast, rng, step, run_dir):
     """theta <- theta_base, then SFT on the kept set D_i [(problem, token ids incl. EOS)]: a fresh AdamW on the
     token-mean NLL of each m_step_batches() batch, in micro-batches. -> the stats of the iteration's record."""
-    model.load_state_dict(base_state, strict=not common.is_lora(model))  # restart from the BASE model (paper §3)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    common.gather_blocks(model, False)  # --fsdp: the M-step on the sharded blocks (gathered again at its end)
+    common.load_full_state(model, base_state, strict=not common.is_lora(model))  # restart from the BASE model (§3)
+    optimizer = torch.optim.AdamW(common.param_groups(model), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / max(1, args.warmup_steps)))
     batches = m_step_batches(len(kept), args.batch_size, args.epochs, args.steps, rng)
-    losses, grad_norms, entropy_sum, tokens = [], [], 0.0, 0
-    for batch in ([kept[i] for i in b] for b in batches):  # torchrun: the same batches on every rank, each split
+    losses, grad_norms, entropy_sum, tokens = [0.0] * len(batches), [], 0.0, 0
+    for k, batch in enumerate([kept[i] for i in b] for b in batches):  # torchrun: the same on every rank, each split
         batch, num_tokens = common.shard(batch), sum(len(ids) for _, ids in batch)  # its share; the whole's tokens
-        optimizer.zero_grad(set_to_none=False)
-        losses.append(0.0)
-        for micro in (batch[i:i + args.micro_batch_size] for i in range(0, len(batch), args.micro_batch_size)):
+        model.zero_grad(set_to_none=False)  # (not the optimizer's foreach zeroing: --fsdp mixes tensor types)
+        micros = [(batch[i:i + args.micro_batch_size],) for i in range(0, len(batch), args.micro_batch_size)]
+        for micro, live in common.even_micro_batches(model, micros, ([kept[0]],)):  # --fsdp: as many on every rank
             problems, device = sorted({p for p, _ in micro}), model.device  # each prompt runs once for its solutions
             prompt_ids, prompt_mask = common.tokenize_prompts(tokenizer, [prompts[p] for p in problems], device)
             index = torch.tensor([problems.index(p) for p, _ in micro], device=device)  # (b,): each one's prompt
             lens, T = torch.tensor([len(ids) for _, ids in micro], device=device), max(len(ids) for _, ids in micro)
             completion_ids = torch.tensor([ids + [eos_ids[0]] * (T - len(ids)) for _, ids in micro], device=device)
-            mask = completion_mask_from_lens(lens, T)  # (b, T), EOS included; T: the micro-batch's longest solution
+            mask = completion_mask_from_lens(lens, T) * live  # (b, T), EOS included; a pad pass (live 0): all 0
             with autocast():  # SFT: log-probs of the raw logits (T = 1), (b, T) each, chunked vocabulary projection
                 logprobs, entropy = completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, index, 1.0)
             loss = nll_loss(logprobs, mask, num_tokens)
             stop_if_not_finite(loss.item(), "the M-step loss", step, run_dir)
             loss.backward()  # accumulates: the sum over micro-batches is the whole batch's token-mean NLL
-            losses[-1] += loss.item()
+            losses[k] += loss.item()
             entropy_sum, tokens = entropy_sum + float((entropy.detach() * mask).sum()), tokens + int(mask.sum())
         common.all_reduce_gradients(model)  # torchrun: the sum over ranks, i.e. the whole batch's gradient
-        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)))
+        grad_norms.append(common.clip_grad_norm(model, args.max_grad_norm))  # (--fsdp: over every rank's shard)
         stop_if_not_finite(grad_norms[-1], "the M-step gradient norm", step, run_dir)
         optimizer.step()
         scheduler.step()
+    common.gather_blocks(model, True)
     losses, entropy_sum, tokens = [*map(common.all_sum, losses)], common.all_sum(entropy_sum), common.all_sum(tokens)
     used, mean = {i for b in batches for i in b}, lambda xs: sum(xs) / len(xs) if xs else None
     return {"samples_used": len(used), "tokens_used": sum(len(kept[i][1]) for i in used), "updates": len(batches),
@@ -364,8 +366,7 @@ def main(argv=None):
             lines = (run_dir / "metrics.jsonl").read_text().splitlines()
             (run_dir / "metrics.jsonl").write_text("".join(x + "\n" for x in lines if json.loads(x)["step"] <= start))
             (run_dir / "args.json").write_text(json.dumps({**vars(args), "resume": None}, indent=2))
-    tokenizer = common.load_tokenizer(args.model)
-    train, test, fewshot = common.load_problems(args)
+    tokenizer, (train, test, fewshot) = common.load_tokenizer(args.model), common.load_problems(args)
     random.Random(args.seed).shuffle(train)
     problems = train[:args.prompts_per_step]  # the E-step's problems, fixed for the run (the paper: its train set)
     prompt_of = lambda rec: common.build_prompt(tokenizer, rec["question"], fewshot, args.system_prompt)
@@ -374,16 +375,16 @@ def main(argv=None):
     rep_prompts, rep_problems = ([x for x in common.shard(xs) for _ in range(N)] for xs in (prompts, problems))
     model = common.load_model(args.model, device, weight_dtype, args.gradient_checkpointing)
     model = common.add_lora(model.eval(), args)  # eval: no dropout (--lora-dropout: LoRA's own)
-    # theta_0, restored at every M-step; LoRA: the start adapter alone (B = 0: the base model; the base stays frozen)
-    base_state = {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict().items()
-                  if "lora_" in name or not common.is_lora(model)}
+    base_state = {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict().items()  # theta_0, whole,
+                  if "lora_" in name or not common.is_lora(model)}  # for every M-step; LoRA: the start adapter (B = 0)
     if start and common.is_lora(model):  # the policy of the next E-step is the last completed iterate (its adapter)
         from peft import set_peft_model_state_dict
         set_peft_model_state_dict(model, load_file(str(run_dir / "model" / "adapter_model.safetensors")))
     elif start:
         model.load_state_dict(common.load_model(str(run_dir / "model"), torch.device("cpu"), weight_dtype).state_dict())
-    eos_ids = common.stop_token_ids(tokenizer, model)
+    model, eos_ids = common.shard_blocks(model, args), common.stop_token_ids(tokenizer, model)  # --fsdp: FSDP2
     common.check_context_length(model, 0, args.max_new_tokens)
+    common.gather_blocks(model, True)  # --fsdp: whole blocks for sampling and evaluation
     metrics_file = common.open_log(run_dir / "metrics.jsonl", "a")
     eval_args = (model, tokenizer, test_prompts, test, prompts[:args.eval_size], problems[:args.eval_size], args,
                  eos_ids, autocast)
@@ -431,8 +432,8 @@ def main(argv=None):
                  ("nll_first", "nll", ".3f"), ("nll_last", "->", ".3f"), ("step_time", "s", ".0f")])
         if (args.eval_every and it % args.eval_every == 0) or it == args.iterations:
             evaluate(*eval_args, it, run_dir, metrics_file)
-        if not args.no_save and common.rank() == 0:  # the iterate: model + resume point (--merge-lora: the last)
-            common.save_model(model, tokenizer, run_dir, args, final=it == args.iterations)
+        common.save_model(model, tokenizer, run_dir, args, final=it == args.iterations)  # --fsdp: every rank gathers
+        if not args.no_save and common.rank() == 0:  # the resume point, after its iterate (--merge-lora: the last)
             (run_dir / "state.tmp").write_text(json.dumps({"completed_iterations": it}))
             (run_dir / "state.tmp").replace(run_dir / "state.json")  # atomic: never a half-written state.json
     metrics_file.close()  # read back: rank 0's records (torchrun: the other ranks' file is /dev/null, empty)

@@ -1,7 +1,10 @@
 """em.py and rest_em.py under torchrun (2 CPU processes, gloo). On FIXED samples (tests/dist_harness_em.py), 2
 processes (each its share of the prompts / problems) make the same run as 1 process: the saved weights, the logged
-step and eval records, em's prompt ranking and rest_em's E-step log agree. The real scripts run 2 steps under torchrun
-(rank 0 alone prints and logs). --lora-dropout is on after setup (model.eval() before common.add_lora)."""
+step and eval records, em's prompt ranking and rest_em's E-step log agree; also with --fsdp (the blocks sharded; for
+rest_em over 2 iterations, so the second M-step restores theta_0 into the sharded model, and with a rank that trains
+fewer micro-batches). The real scripts run 2 steps under torchrun with --fsdp (their real sampler: the ranks decode
+different numbers of tokens on whole blocks; rank 0 alone prints and logs). --lora-dropout is on after setup
+(model.eval() before common.add_lora)."""
 import json
 import os
 import subprocess
@@ -19,12 +22,14 @@ from conftest import ROOT
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 SCRIPTS = {"em": em, "rest_em": rest_em}
-FIXED = {  # lr 1e-3: the weights move well past the tolerance; eval on 6 problems, 3 a rank
+# lr 1e-3: the weights move well past the tolerance; eval on 6 problems, 3 a rank; rest_em's M-step batches of 3
+# solutions: 1 and 2 a rank (--fsdp: rank 0 adds a pad pass, so both run as many training passes)
+FIXED = {
     "em": ["--steps", "2", "--prompts-per-step", "4", "--num-generations", "4", "--max-new-tokens", "12",
            "--eval-every", "1", "--eval-size", "6", "--select-from", "12", "--select-samples", "4", "--num-prompts",
            "2", "--eval-temperatures", "0,1", "--diag-size", "3"],
     "rest_em": ["--iterations", "2", "--prompts-per-step", "4", "--num-generations", "6", "--max-per-problem", "2",
-                "--max-new-tokens", "12", "--steps", "3", "--batch-size", "4", "--micro-batch-size", "1",
+                "--max-new-tokens", "12", "--steps", "3", "--batch-size", "3", "--micro-batch-size", "1",
                 "--eval-size", "6", "--eval-samples", "4", "--pass-k", "2", "--eval-every", "1"]}
 SMOKE = {
     "em": ["--steps", "2", "--prompts-per-step", "2", "--num-generations", "2", "--max-new-tokens", "6",
@@ -47,8 +52,10 @@ def torchrun(argv, timeout=300):
     return result
 
 
-@pytest.mark.parametrize("script, lora", [("em", False), ("rest_em", False), ("em", True)])
-def test_two_processes_make_the_one_process_run(script, lora, tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("script, mode", [("em", "ddp"), ("rest_em", "ddp"), ("em", "lora"), ("em", "fsdp"),
+                                          ("rest_em", "fsdp")])
+def test_two_processes_make_the_one_process_run(script, mode, tiny_model_dir, tmp_path, monkeypatch):
+    lora, extra = mode == "lora", ["--fsdp"] if mode == "fsdp" else []  # (one process: never --fsdp)
     argv = ["--model", tiny_model_dir, "--lr", "1e-3", "--dtype", "float32", "--seed", "0", *FIXED[script],
             *(["--lora-rank", "2"] if lora else [])]
     with monkeypatch.context() as m:  # one process, in this one: the same fixed sampler
@@ -57,8 +64,9 @@ def test_two_processes_make_the_one_process_run(script, lora, tiny_model_dir, tm
                   else dist_harness_em.fixed_sample_with_ids)
         SCRIPTS[script].main([*argv, "--output-dir", str(tmp_path / "one")])
     harness = str(ROOT / "tests" / "dist_harness_em.py")
-    result = torchrun([harness, script, *argv, "--output-dir", str(tmp_path / "two")])
+    result = torchrun([harness, script, *argv, "--output-dir", str(tmp_path / "two"), *extra])
     assert result.stdout.count(FINAL_LINE[script]) == 1  # rank 0 alone prints
+    assert ("fsdp: 2 blocks sharded over 2 processes" in result.stdout) == (mode == "fsdp")
     weights = "adapter_model.safetensors" if lora else "model.safetensors"
     a, b = (load_file(tmp_path / d / "model" / weights) for d in ("one", "two"))
     start = load_file(f"{tiny_model_dir}/model.safetensors")
@@ -84,7 +92,7 @@ def test_two_processes_make_the_one_process_run(script, lora, tiny_model_dir, tm
 def test_real_script_runs_two_steps_under_torchrun(script, tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     result = torchrun([str(ROOT / f"{script}.py"), "--model", tiny_model_dir, "--output-dir", str(out), "--no-save",
-                       *SMOKE[script]])
+                       "--fsdp", *SMOKE[script]])
     assert result.stdout.count(FINAL_LINE[script]) == 1  # rank 0 alone prints the final line
     steps = [r["step"] for r in records(out) if "loss" in r]
     assert steps == [1, 2]  # one record per step (rank 0 alone writes)
