@@ -229,3 +229,13 @@ def test_dataset_directory_with_only_a_test_split_holds_out_a_slice(tmp_path):
     assert not {r["question"] for r in train} & {r["question"] for r in test}
     with pytest.raises(SystemExit, match="has no 'validation' split"):
         common.load_records(str(tmp_path / "ds"), "validation")
+
+
+def test_leave_process_group_destroys_the_group(tmp_path):
+    """common.leave_process_group (registered at exit under torchrun) leaves no process group behind, and is a
+    no-op when there is none."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert torch.distributed.is_initialized()
+    common.leave_process_group()
+    assert not torch.distributed.is_initialized()
+    common.leave_process_group()  # nothing to leave: no error
